@@ -1,0 +1,21 @@
+"""lora_edu: LoRA and its family from scratch, small enough to read, tested against HF PEFT.
+
+Each module holds one concept; this file only gathers the public names.
+"""
+
+from .adapters import load_adapter, read_adapter, save_adapter
+from .dora import DoRALinear
+from .inject import (adapter_modules, count_trainable_params, inject_lora, lora_param_count,
+                     mark_only_lora_trainable, merge_lora, unmerge_lora)
+from .lora import LoRALinear, check_lora_hparams, lora_scaling
+from .sanity import Check, run_sanity_checks
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRALinear", "DoRALinear", "lora_scaling", "check_lora_hparams",
+    "inject_lora", "merge_lora", "unmerge_lora", "mark_only_lora_trainable",
+    "count_trainable_params", "lora_param_count", "adapter_modules",
+    "save_adapter", "load_adapter", "read_adapter",
+    "run_sanity_checks", "Check",
+]

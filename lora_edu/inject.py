@@ -1,0 +1,109 @@
+"""Putting LoRA into a whole model: find the target nn.Linear layers, wrap them, freeze the rest.
+
+Targets match the way HF PEFT matches a list of `target_modules`: a module's full dotted
+name either equals a target or ends with "." + target, so "q_proj" finds
+"layers.0.attn.q_proj" but not "layers.0.attn.qq_proj".
+
+Parameter count of LoRA on M layers, layer i of shape [d_i, k_i] (Hu et al. 2021, sec. 4):
+
+    sum_i r * (d_i + k_i)
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import nn
+
+from .dora import DoRALinear
+from .lora import LoRALinear, check_lora_hparams
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def adapter_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRA/DoRA layer in `model`, by its dotted name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16,
+                dropout: float = 0.0, rslora: bool = False, dora: bool = False) -> nn.Module:
+    """Wrap every nn.Linear whose name matches a target in a LoRALinear (or DoRALinear).
+
+    Works in place and returns `model`. Everything that is not an adapter is frozen. Every
+    check runs before the model is touched, so a bad call leaves it as it was.
+    """
+    check_lora_hparams(r, alpha, dropout)
+    if dora and dropout:
+        raise ValueError("dora=True supports no dropout here; pass dropout=0.0 "
+                         "(HF PEFT's DoRA handles dropout with an extra forward pass)")
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
+    if adapter_modules(model):
+        raise ValueError("this model already has LoRA layers; call inject_lora once per model "
+                         "(for a fresh adapter, start from a fresh copy of the base model)")
+
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    chosen = [name for name in linears if any(_matches(name, t) for t in targets)]
+    missing = [t for t in targets if not any(_matches(name, t) for name in linears)]
+    if missing:
+        available = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        raise ValueError(
+            f"target_modules {missing} matched no nn.Linear layer, so no adapter would be attached "
+            f"there. Linear layers in this model (by last name component): {available}. "
+            f"Full names look like {sorted(linears)[:5]}.")
+
+    model.requires_grad_(False)
+    for name in chosen:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child_name)
+        if dora:
+            layer = DoRALinear(base, r=r, alpha=alpha, rslora=rslora)
+        else:
+            layer = LoRALinear(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+        setattr(parent, child_name, layer)
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (zero extra inference cost)."""
+    for layer in adapter_modules(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo merge_lora: take every adapter back out of its base weight."""
+    for layer in adapter_modules(model).values():
+        layer.unmerge()
+    return model
+
+
+def mark_only_lora_trainable(model: nn.Module) -> nn.Module:
+    """requires_grad only on adapter parameters (lora_A, lora_B and DoRA's magnitude)."""
+    model.requires_grad_(False)
+    for layer in adapter_modules(model).values():
+        for pname in layer.adapter_parameter_names:
+            getattr(layer, pname).requires_grad_(True)
+    return model
+
+
+def count_trainable_params(model: nn.Module) -> int:
+    """Number of scalars the optimizer will update."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_param_count(shapes: Iterable[tuple[int, int]], r: int) -> int:
+    """sum over layers of r * (d + k) for weights of shape (d, k): the size of all A and B."""
+    check_lora_hparams(r, alpha=1.0)
+    total = 0
+    for shape in shapes:
+        d, k = shape
+        if d <= 0 or k <= 0:
+            raise ValueError(f"layer shapes must be positive (d, k) pairs, got {shape!r}")
+        total += r * (d + k)
+    return total

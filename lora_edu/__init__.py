@@ -5,9 +5,11 @@ Each module holds one concept; this file only gathers the public names.
 
 from .adapters import load_adapter, read_adapter, save_adapter
 from .dora import DoRALinear
+from .flops import count_matmul_flops
 from .inject import (adapter_modules, count_trainable_params, inject_lora, lora_param_count,
                      mark_only_lora_trainable, merge_lora, unmerge_lora)
 from .lora import LoRALinear, check_lora_hparams, lora_scaling
+from .optim import Adam
 from .sanity import Check, run_sanity_checks
 
 __version__ = "0.1.0"
@@ -17,5 +19,5 @@ __all__ = [
     "inject_lora", "merge_lora", "unmerge_lora", "mark_only_lora_trainable",
     "count_trainable_params", "lora_param_count", "adapter_modules",
     "save_adapter", "load_adapter", "read_adapter",
-    "run_sanity_checks", "Check",
+    "run_sanity_checks", "Check", "count_matmul_flops", "Adam",
 ]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .dora import DoRALinear
-from .inject import adapter_modules, inject_lora
+from .inject import adapter_modules, wrap_modules
 from .lora import LoRALinear
 
 FORMAT = "lora_edu.adapter.v1"
@@ -126,8 +126,8 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         raise ValueError("the model's adapters are merged; call unmerge_lora(model) before load_adapter")
     _check_fits(config, tensors, _layers_for_file(model, config, path), path)
     if not adapter_modules(model):
-        inject_lora(model, config["targets"], r=config["r"], alpha=config["alpha"],
-                    dropout=config["dropout"], rslora=config["rslora"], dora=config["method"] == "dora")
+        wrap_modules(model, config["targets"], r=config["r"], alpha=config["alpha"],
+                     dropout=config["dropout"], rslora=config["rslora"], dora=config["method"] == "dora")
     layers = adapter_modules(model)
     with torch.no_grad():
         for key, value in tensors.items():

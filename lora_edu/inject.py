@@ -56,8 +56,18 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16,
             f"there. Linear layers in this model (by last name component): {available}. "
             f"Full names look like {sorted(linears)[:5]}.")
 
+    return wrap_modules(model, chosen, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
+
+
+def wrap_modules(model: nn.Module, names, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 rslora: bool = False, dora: bool = False) -> nn.Module:
+    """Freeze `model` and wrap exactly the nn.Linear layers with these full dotted names.
+
+    inject_lora resolves target patterns to names and then calls this; load_adapter calls it
+    with the names an adapter file records.
+    """
     model.requires_grad_(False)
-    for name in chosen:
+    for name in names:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child_name)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install everything and run the whole test suite, from a clean clone:
+#   bash scripts/test.sh
+# 1. a virtual environment in .venv with the exact pins of requirements.txt and lora_edu;
+# 2. Debian's chromium for the browser test (installed with apt-get when run as root);
+# 3. the web book, built into _build/html (the browser test reads it);
+# 4. pytest: unit and parity tests, strict nbval on every notebook, the browser test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/build_book.sh  # also creates .venv and installs requirements.txt and lora_edu
+
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "== installing Debian's chromium for the browser test"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "The browser test needs Debian's chromium: run 'sudo apt-get install chromium', then this script again." >&2
+    exit 1
+  fi
+fi
+
+echo "== running the tests"
+exec .venv/bin/python -m pytest tests notebooks book \
+  --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
+  -p no:cacheprovider -n 2 --dist loadscope "$@"

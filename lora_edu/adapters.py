@@ -60,6 +60,8 @@ def read_adapter(path) -> tuple[dict, dict]:
     from safetensors.torch import load_file, safe_open
 
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no adapter file at {path!r}; save one with save_adapter(model, path)")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}

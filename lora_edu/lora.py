@@ -28,8 +28,8 @@ def check_lora_hparams(r, alpha, dropout=0.0) -> None:
         raise TypeError(f"r must be a positive int (the rank of B @ A), got {r!r} of type {type(r).__name__}")
     if r <= 0:
         raise ValueError(f"r must be a positive int (the rank of B @ A), got r={r}; typical values are 4 to 64")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
-        raise ValueError(f"alpha must be a positive number (the update is scaled by alpha/r), got alpha={alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
+        raise ValueError(f"alpha must be a positive, finite number (the update is scaled by alpha/r), got alpha={alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1), got dropout={dropout!r}; use 0.0 to turn it off")
 

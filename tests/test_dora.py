@@ -1,0 +1,178 @@
+"""lora_edu.dora: DoRALinear against the DoRA equation, rebuilt here independently.
+
+    V  = W0 + s * B @ A                       [out, in]
+    W' = magnitude[:, None] * V / ||V||_row    (norm over dim 1, one per output row)
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_edu import DoRALinear, LoRALinear
+
+IN, OUT, R, ALPHA = 20, 12, 4, 8  # OUT != IN, so a column-wise norm could not even broadcast
+
+
+def make_layer(bias=True, seed=0, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    return DoRALinear(nn.Linear(IN, OUT, bias=bias).to(dtype), r=R, alpha=ALPHA, **kw)
+
+
+def train_(layer, seed=3):
+    """Non-zero B and a magnitude that is no longer the row norm, as after some training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+        layer.magnitude.mul_(1 + 0.2 * torch.randn(layer.magnitude.shape, generator=g))
+
+
+def inputs(seed=1, batch=6, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, IN, generator=g).to(dtype)
+
+
+def reference_forward(x, w0, bias, a, b, m, s, detach_norm=True):
+    """DoRA written out from the paper, in plain tensor ops."""
+    v = w0 + s * (b @ a)                      # [out, in]
+    norm = v.pow(2).sum(dim=1).sqrt()         # [out], one per output row
+    if detach_norm:
+        norm = norm.detach()
+    return F.linear(x, (m / norm).unsqueeze(1) * v, bias)
+
+
+def test_is_a_lora_layer_with_a_magnitude():
+    layer = make_layer()
+    assert isinstance(layer, LoRALinear)
+    assert layer.lora_A.shape == (R, IN) and layer.lora_B.shape == (OUT, R)
+    assert layer.magnitude.shape == (OUT,)
+
+
+def test_magnitude_starts_as_the_row_norms_of_w0():
+    layer = make_layer()
+    w0 = layer.base.weight.detach()
+    row_norms = torch.sqrt((w0 * w0).sum(dim=1))  # ||W0[i, :]|| for each output row i
+    torch.testing.assert_close(layer.magnitude.detach(), row_norms, rtol=0, atol=1e-6)
+    assert layer.magnitude.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_identity_at_init(bias, rslora):
+    layer = make_layer(bias=bias, rslora=rslora)
+    x = inputs()
+    torch.testing.assert_close(layer(x), layer.base(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_forward_matches_the_dora_equation(bias, rslora):
+    layer = make_layer(bias=bias, rslora=rslora)
+    train_(layer)
+    x = inputs()
+    s = ALPHA / math.sqrt(R) if rslora else ALPHA / R
+    with torch.no_grad():
+        expected = reference_forward(x, layer.base.weight, layer.base.bias, layer.lora_A,
+                                     layer.lora_B, layer.magnitude, s)
+        out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(out, layer.base(x), atol=1e-3)  # the adapter does something
+
+
+def test_effective_weight_has_the_magnitude_as_row_norms():
+    layer = make_layer()
+    train_(layer)
+    w = layer.effective_weight().detach()
+    torch.testing.assert_close(w.norm(dim=1), layer.magnitude.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_merge_unmerge_round_trip(bias):
+    layer = make_layer(bias=bias)
+    train_(layer)
+    x = inputs()
+    w0 = layer.base.weight.detach().clone()
+    with torch.no_grad():
+        v = w0 + (ALPHA / R) * layer.lora_B @ layer.lora_A
+        w_prime = (layer.magnitude / v.norm(dim=1)).unsqueeze(1) * v
+        unmerged = layer(x)
+        layer.merge()
+        assert layer.merged
+        torch.testing.assert_close(layer.base.weight.detach(), w_prime, rtol=0, atol=1e-5)
+        torch.testing.assert_close(layer(x), unmerged, rtol=0, atol=1e-5)
+        layer.merge()  # a second merge is a no-op
+        torch.testing.assert_close(layer.base.weight.detach(), w_prime, rtol=0, atol=1e-5)
+        layer.unmerge()
+        assert not layer.merged
+        torch.testing.assert_close(layer.base.weight.detach(), w0, rtol=0, atol=1e-5)
+        torch.testing.assert_close(layer(x), unmerged, rtol=0, atol=1e-5)
+        layer.unmerge()  # and so is a second unmerge
+        torch.testing.assert_close(layer.base.weight.detach(), w0, rtol=0, atol=1e-5)
+
+
+def test_magnitude_trainable_and_base_frozen():
+    layer = make_layer()
+    assert layer.magnitude.requires_grad
+    assert not layer.base.weight.requires_grad and not layer.base.bias.requires_grad
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B", "magnitude"}
+    assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == R * (IN + OUT) + OUT
+
+
+def test_gradients_treat_the_row_norm_as_a_constant():
+    layer = make_layer()
+    train_(layer)
+    x = inputs()
+    s = ALPHA / R
+
+    layer(x).pow(2).sum().backward()
+    ours = [layer.lora_A.grad, layer.lora_B.grad, layer.magnitude.grad]
+
+    def reference_grads(detach_norm):
+        a, b, m = (t.detach().clone().requires_grad_(True)
+                   for t in (layer.lora_A, layer.lora_B, layer.magnitude))
+        out = reference_forward(x, layer.base.weight.detach(), layer.base.bias.detach(), a, b, m, s,
+                                detach_norm=detach_norm)
+        return torch.autograd.grad(out.pow(2).sum(), [a, b, m])
+
+    detached = reference_grads(detach_norm=True)
+    for got, want in zip(ours, detached):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the test can tell: through the norm, the gradient of B would be different
+    through_norm = reference_grads(detach_norm=False)
+    assert not torch.allclose(detached[1], through_norm[1], rtol=1e-3, atol=1e-4)
+    assert layer.base.weight.grad is None
+
+
+def test_gradient_of_a_is_zero_at_step_zero():
+    layer = make_layer()
+    layer(inputs()).sum().backward()
+    assert torch.count_nonzero(layer.lora_A.grad) == 0
+    assert torch.count_nonzero(layer.lora_B.grad) > 0
+    assert torch.count_nonzero(layer.magnitude.grad) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_base(dtype):
+    layer = make_layer(dtype=dtype)
+    x = inputs(dtype=dtype)
+    out = layer(x)
+    assert out.dtype == dtype
+    assert layer.magnitude.dtype == layer.lora_A.dtype == torch.float32
+    tol = 1e-2 if dtype == torch.float16 else 5e-2
+    torch.testing.assert_close(out.float(), layer.base(x).float(), rtol=tol, atol=tol)
+
+
+def test_meta_device_base_builds():
+    layer = DoRALinear(nn.Linear(64, 32, device="meta"), r=4)
+    assert layer.magnitude.device.type == "meta" and layer.magnitude.shape == (32,)
+    assert layer.lora_A.device.type == "meta"
+
+
+def test_rejects_non_linear_base_and_bad_rank():
+    with pytest.raises(TypeError, match="wraps an nn.Linear, got Embedding"):
+        DoRALinear(nn.Embedding(5, 4))
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        DoRALinear(nn.Linear(4, 4), r=0)

@@ -10,6 +10,11 @@ from .inject import (adapter_modules, count_trainable_params, inject_lora, lora_
                      mark_only_lora_trainable, merge_lora, unmerge_lora)
 from .lora import LoRALinear, check_lora_hparams, lora_scaling
 from .optim import Adam
+from .nf4 import NF4_OFFSET, fp4_levels, int4_levels, nf4_levels
+from .double_quant import DoubleQuantizedAbsmax, double_quantize, dynamic_map
+from .quantized import QuantizedTensor, bits_per_param, quantize_4bit, quantize_nf4
+from .paged import PagedAdam
+from .qlora import NF4Linear, QLoRALinear
 from .sanity import Check, run_sanity_checks
 
 __version__ = "0.1.0"
@@ -19,5 +24,8 @@ __all__ = [
     "inject_lora", "merge_lora", "unmerge_lora", "mark_only_lora_trainable",
     "count_trainable_params", "lora_param_count", "adapter_modules",
     "save_adapter", "load_adapter", "read_adapter",
-    "run_sanity_checks", "Check", "count_matmul_flops", "Adam",
+    "run_sanity_checks", "Check", "count_matmul_flops", "Adam", "PagedAdam",
+    "nf4_levels", "int4_levels", "fp4_levels", "NF4_OFFSET", "dynamic_map",
+    "quantize_nf4", "quantize_4bit", "QuantizedTensor", "bits_per_param",
+    "double_quantize", "DoubleQuantizedAbsmax", "NF4Linear", "QLoRALinear",
 ]

@@ -52,19 +52,21 @@ class LoRALinear(nn.Module):
     #: parameter names that belong to the adapter (trained, saved, loaded)
     adapter_parameter_names = ("lora_A", "lora_B")
     method = "lora"
+    base_type = nn.Linear  # QLoRALinear wraps a frozen 4-bit layer instead
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  rslora: bool = False):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"{type(self).__name__} wraps an nn.Linear, got {type(base).__name__}; "
+        if not isinstance(base, self.base_type):
+            wanted = "nn.Linear" if self.base_type is nn.Linear else self.base_type.__name__
+            raise TypeError(f"{type(self).__name__} wraps an {wanted}, got {type(base).__name__}; "
                             "for a whole model use inject_lora(model, target_modules=[...])")
         check_lora_hparams(r, alpha, dropout)
         self.base = base
         base.requires_grad_(False)  # W0 (and its bias) stay frozen
         self.r, self.alpha, self.rslora, self.dropout_p = int(r), alpha, bool(rslora), float(dropout)
         self.scaling = lora_scaling(alpha, r, rslora)
-        device = base.weight.device
+        device = next(iter([*base.parameters(), *base.buffers()])).device  # adapters live beside W0
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))  # [r, in]
         self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=device))  # [out, r]
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

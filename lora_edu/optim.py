@@ -39,6 +39,15 @@ class Adam:
         for p in self.params:
             p.grad = None
 
+    def _fetch_state(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, v) for p, on p's device; created as zeros at p's first step."""
+        if id(p) not in self.state:
+            self.state[id(p)] = (torch.zeros_like(p), torch.zeros_like(p))
+        return self.state[id(p)]
+
+    def _store_state(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
+        """Called after p's update; plain Adam updated its state in place, nothing to do."""
+
     @torch.no_grad()
     def step(self) -> None:
         self.t += 1
@@ -48,9 +57,8 @@ class Adam:
         for p in self.params:
             if p.grad is None:
                 continue
-            if id(p) not in self.state:
-                self.state[id(p)] = (torch.zeros_like(p), torch.zeros_like(p))
-            m, v = self.state[id(p)]
+            m, v = self._fetch_state(p)
             m.lerp_(p.grad, 1 - b1)
             v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
             p.addcdiv_(m, (v.sqrt() / v_correction).add_(self.eps), value=-step_size)
+            self._store_state(p, m, v)

@@ -1,10 +1,11 @@
-"""lora_edu.Adam is bit-identical to torch.optim.Adam."""
+"""lora_edu.Adam and PagedAdam are bit-identical to torch.optim.Adam; PagedAdam keeps states away."""
 
 import pytest
 import torch
 from torch import nn
 
 from lora_edu import Adam, LoRALinear
+from lora_edu.paged import PagedAdam
 
 
 def _train(opt_cls, steps=25, **kw):
@@ -23,8 +24,9 @@ def _train(opt_cls, steps=25, **kw):
 
 
 @pytest.mark.parametrize("kw", [{}, {"lr": 0.05, "betas": (0.8, 0.99), "eps": 1e-6}])
-def test_bit_identical_to_torch_adam(kw):
-    ours, theirs = _train(Adam, **kw), _train(torch.optim.Adam, **kw)
+@pytest.mark.parametrize("cls", [Adam, PagedAdam])
+def test_bit_identical_to_torch_adam(kw, cls):
+    ours, theirs = _train(cls, **kw), _train(torch.optim.Adam, **kw)
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
@@ -57,3 +59,36 @@ def test_bad_hyperparameters(kw, match):
 def test_empty_parameter_list():
     with pytest.raises(ValueError, match="empty parameter list"):
         Adam([])
+
+
+def _paged_run(device):
+    torch.manual_seed(0)
+    big, small = nn.Parameter(torch.randn(64, 32, device=device)), nn.Parameter(torch.randn(8, device=device))
+    opt = PagedAdam([big, small], lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        (big.square().sum() + small.sum()).backward()
+        opt.step()
+    return big, small, opt
+
+
+def test_paged_states_wait_on_the_offload_device_and_come_in_one_at_a_time():
+    big, small, opt = _paged_run("cpu")
+    assert all(s.device.type == "cpu" for pair in opt.state.values() for s in pair)
+    assert opt.state_bytes() == 2 * 4 * (big.numel() + small.numel())  # m and v, fp32
+    assert opt.peak_resident_bytes == 2 * 4 * big.numel()  # the largest parameter's m and v only
+    assert opt.bytes_paged_in == 3 * opt.state_bytes()  # every state, every step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+def test_paged_on_gpu_matches_plain_adam_and_keeps_states_in_pinned_cpu_memory():
+    big, small, opt = _paged_run("cuda")
+    assert all(s.device.type == "cpu" and s.is_pinned() for pair in opt.state.values() for s in pair)
+    torch.manual_seed(0)
+    ref = [nn.Parameter(torch.randn(64, 32, device="cuda")), nn.Parameter(torch.randn(8, device="cuda"))]
+    ref_opt = torch.optim.Adam(ref, lr=0.01, foreach=False)
+    for _ in range(3):
+        ref_opt.zero_grad()
+        (ref[0].square().sum() + ref[1].sum()).backward()
+        ref_opt.step()
+    assert torch.equal(big, ref[0]) and torch.equal(small, ref[1])

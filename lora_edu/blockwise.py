@@ -1,0 +1,136 @@
+"""Blockwise absmax quantization: scale each block to [-1, 1], round to the nearest level.
+
+Dettmers et al. 2021, "8-bit Optimizers via Block-wise Quantization", arXiv 2110.02861,
+used for 4 bits in QLoRA (Dettmers et al. 2023, arXiv 2305.14314). The flattened tensor
+is cut into blocks of B values; block b keeps one float32 scale c_b = max |w| over the
+block, and each weight keeps one code:
+
+    code_i = argmin_k | w_i / c_b - levels[k] |          (ties go to the lower level)
+    w_hat_i = c_b * levels[code_i]
+
+One outlier then only coarsens its own block of B weights, not the whole matrix. The
+code table is a parameter (NF4, INT4 or FP4 from nf4.py, or the 8-bit dynamic code of
+double_quant.py). The arithmetic follows bitsandbytes' quantize_4bit step by step
+(multiply by 1 / c_b, clamp to [-1, 1], search the midpoints of the sorted levels), so
+the codes match it byte for byte. Everything is vectorised over blocks; no Python loop.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+#: input dtypes accepted; the arithmetic always runs in float32, as in bitsandbytes
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: bitsandbytes clamps the scale from below before taking 1 / c_b, so an all-zero block
+#: scales by 1e38 instead of dividing by zero; its codes all mean 0
+MIN_ABSMAX = 1e-38
+
+
+def check_block_size(block_size, name: str = "block_size") -> int:
+    """Return block_size as an int, or raise if it is not a positive power of two."""
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int that is a power of two (e.g. 64), "
+                        f"got {block_size!r} of type {type(block_size).__name__}")
+    if block_size <= 0 or block_size & (block_size - 1):
+        raise ValueError(f"{name} must be a positive power of two (32, 64, 128, ...), got {block_size}; "
+                         f"QLoRA uses 64 for the weights and 256 for double quantization")
+    return int(block_size)
+
+
+def check_weight(w, name: str = "w") -> None:
+    """Raise if w is not a non-empty float32/float16/bfloat16 tensor (finiteness: check_finite)."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {w.dtype}; "
+                        f"convert it first, e.g. {name}.float()")
+    if w.numel() == 0:
+        raise ValueError(f"{name} is empty; there is nothing to quantize")
+
+
+def check_finite(absmax: torch.Tensor, name: str = "w") -> None:
+    """Raise if a block holds NaN or inf; its absmax shows it (amax propagates both)."""
+    if not torch.isfinite(absmax).all():
+        what = "NaN" if torch.isnan(absmax).any() else "inf"
+        raise ValueError(f"{name} contains {what}: it would become its block's absmax and wipe out "
+                         f"the block; find it with (~torch.isfinite({name})).nonzero()")
+
+
+def check_levels(levels) -> torch.Tensor:
+    """Return the code table as float32, or raise if it is not sorted and inside [-1, 1]."""
+    if not isinstance(levels, torch.Tensor) or levels.dim() != 1 or not levels.is_floating_point():
+        raise TypeError("levels must be a 1-D float tensor, e.g. nf4_levels()")
+    levels = levels.float()
+    if levels.numel() < 2 or (levels[1:] < levels[:-1]).any() or levels.abs().max() > 1:
+        raise ValueError("levels must hold at least 2 values in [-1, 1], sorted ascending; "
+                         "rounding searches the midpoints between neighbours")
+    return levels
+
+
+def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flatten to float32 and zero-pad to whole blocks: [n_blocks, block_size]."""
+    x = x.detach().reshape(-1).float()  # [n]
+    pad = -x.numel() % block_size  # zeros change no block's absmax
+    return F.pad(x, (0, pad)).view(-1, block_size)  # [n_blocks, block_size]
+
+
+def scale_blocks(blocks: torch.Tensor, numel: int):
+    """Divide each block by its absmax and clamp to [-1, 1]; return (scaled, absmax [n_blocks])."""
+    absmax = blocks.abs().amax(dim=1)  # [n_blocks], c_b, stored unclamped
+    safe = absmax.clamp(min=MIN_ABSMAX)  # [n_blocks]
+    scaled = blocks * (1.0 / safe)[:, None]  # [n_blocks, block_size]
+    if numel % blocks.shape[1]:
+        # bitsandbytes divides the ragged last block by c_b instead of multiplying by
+        # 1 / c_b; the two can differ in the last bit and flip a value sitting on a
+        # midpoint, so do the same to keep every code identical.
+        scaled[-1] = blocks[-1] / safe[-1]
+    return scaled.clamp_(-1.0, 1.0), absmax
+
+
+def round_to_levels(scaled: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level for each value in [-1, 1], ties to the lower level (int32)."""
+    midpoints = (levels[:-1] + levels[1:]) / 2  # [L-1], sorted because levels are
+    # bucketize finds i with midpoints[i-1] < x <= midpoints[i]: x below midpoint i picks
+    # level i, and x exactly on it also picks level i, the lower neighbour.
+    return torch.bucketize(scaled, midpoints, out_int32=True)
+
+
+def quantize_blockwise(w: torch.Tensor, levels: torch.Tensor, block_size: int):
+    """Codes [n] (int32, indices into levels) and absmax [n_blocks] (float32) of w."""
+    check_weight(w)
+    block_size = check_block_size(block_size)
+    levels = check_levels(levels).to(w.device)
+    scaled, absmax = scale_blocks(to_blocks(w, block_size), w.numel())  # [n_blocks, B], [n_blocks]
+    check_finite(absmax)  # on n_blocks scales, cheaper than a pass over every weight
+    codes = round_to_levels(scaled, levels).view(-1)[: w.numel()]  # [n], padding dropped
+    return codes, absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor,
+                         block_size: int) -> torch.Tensor:
+    """w_hat = absmax[block] * levels[code], flat float32 [n]."""
+    n = codes.numel()
+    values = levels[codes.long()]  # [n], each in [-1, 1]
+    if n % block_size:  # (padding copies the tensor, so only when there is a ragged block)
+        values = F.pad(values, (0, -n % block_size))
+    values = values.view(-1, block_size)  # [n_blocks, B]
+    # An all-zero block has absmax 0 (never clamped), so it reads back as zeros, not NaN.
+    return (values * absmax[:, None]).view(-1)[:n]  # [n]
+
+
+def pack_nibbles(codes: torch.Tensor, pad_code: int) -> torch.Tensor:
+    """Two 4-bit codes per byte, the first in the high nibble: [ceil(n / 2)] uint8."""
+    codes = codes.to(torch.uint8)  # [n], each < 16
+    if codes.numel() % 2:  # an odd count borrows one padding code (bitsandbytes pads with 0.0's)
+        codes = torch.cat([codes, codes.new_tensor([pad_code])])
+    return (codes[0::2] << 4) | codes[1::2]  # [ceil(n / 2)]
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack_nibbles: [n] codes in 0..15 (uint8)."""
+    pairs = torch.stack([packed >> 4, packed & 0x0F], dim=1)  # [n_bytes, 2]: (high, low)
+    return pairs.view(-1)[:n]  # [n], the padding nibble dropped

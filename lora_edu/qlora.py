@@ -1,0 +1,111 @@
+"""QLoRA: a frozen 4-bit NF4 base layer with a trainable LoRA bypass.
+
+Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv 2305.14314.
+Forward of one layer (W0 stored as NF4 codes plus per-block scales):
+
+    h = dequant(W0_nf4) x + s * B (A x)       dequant in the compute dtype (bf16), per call
+
+Gradients flow through the dequantized weight to x (the layers below still need them),
+but W0 itself is a buffer of uint8 codes: it has no gradient and no optimizer state, so a
+parameter costs about 4.1 bits at rest instead of 16 + 16 + 32 + 64 bits for full
+fine-tuning. The catch is merging: W0 + dW is not on the NF4 grid, so a merged weight
+must either stay in 16/32 bits (to_merged_linear) or be re-quantized, which adds error.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import LoRALinear
+from .quantized import QuantizedTensor, quantize_nf4
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_float_dtype(dtype, what: str) -> torch.dtype:
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{what} must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}; "
+                         "an integer weight cannot hold W0 + dW")
+    return dtype
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored in NF4 (like bitsandbytes' Linear4bit)."""
+
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"an NF4Linear weight is [out, in], got shape {tuple(weight.shape)}")
+        self.weight_q = weight
+        self.out_features, self.in_features = weight.shape
+        self.compute_dtype = _check_float_dtype(compute_dtype, "compute_dtype")
+        # the codes are a buffer, not a Parameter: nothing here can be trained
+        self.register_buffer("codes", weight.codes, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype = torch.bfloat16) -> "NF4Linear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"NF4Linear.from_linear takes an nn.Linear, got {type(linear).__name__}")
+        weight = quantize_nf4(linear.weight.detach(), block_size=block_size, double_quant=double_quant)
+        return cls(weight, linear.bias, compute_dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W0 rebuilt from its codes, [out, in], in dtype (default: the compute dtype)."""
+        return self.weight_q.dequantize(self.compute_dtype if dtype is None else dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return F.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)  # [..., out]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: codes and scales of the weight, plus the bias."""
+        return self.weight_q.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"block_size={self.weight_q.block_size}, double_quant={self.weight_q.double_quant}, "
+                f"compute_dtype={self.compute_dtype}")
+
+
+class QLoRALinear(LoRALinear):
+    """LoRA on top of an NF4Linear. The adapter stays float32; the base computes in bf16."""
+
+    base_type = NF4Linear
+
+    @classmethod
+    def from_linear(cls, base: nn.Linear, r: int = 8, alpha: float = 16, block_size: int = 64,
+                    double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+                    dropout: float = 0.0, rslora: bool = False) -> "QLoRALinear":
+        """Quantize base's weight to NF4 and put a fresh LoRA bypass beside it."""
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"QLoRALinear.from_linear takes an nn.Linear, got {type(base).__name__}")
+        # the usual checks first, so a bad r or alpha fails before the (slow) quantization
+        LoRALinear(nn.Linear(1, 1, device="meta"), r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+        nf4 = NF4Linear.from_linear(base, block_size, double_quant, compute_dtype)
+        return cls(nf4, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+
+    def merge(self) -> None:
+        raise RuntimeError("a QLoRA layer cannot merge in place: W0 + dW is not on the NF4 grid, so the sum "
+                           "would be re-quantized and lose precision. Call to_merged_linear(torch.bfloat16) "
+                           "for a plain nn.Linear holding dequant(W0) + dW.")
+
+    def unmerge(self) -> None:
+        raise RuntimeError("a QLoRA layer is never merged in place; nothing to unmerge")
+
+    @torch.no_grad()
+    def to_merged_linear(self, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:
+        """dequantize -> merge -> a plain nn.Linear in dtype: dequant(W0) + s * B @ A, rounded once."""
+        _check_float_dtype(dtype, "the merged layer's dtype")
+        w = self.base.dequantized_weight(torch.float32) + self.delta_weight()  # [out, in] float32
+        merged = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
+                           device=w.device, dtype=dtype)
+        merged.weight.copy_(w.to(dtype))
+        if self.base.bias is not None:
+            merged.bias.copy_(self.base.bias.to(dtype))
+        return merged.requires_grad_(False)

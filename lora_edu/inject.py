@@ -80,8 +80,16 @@ def wrap_modules(model: nn.Module, names, r: int = 8, alpha: float = 16, dropout
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (zero extra inference cost)."""
-    for layer in adapter_modules(model).values():
+    """Fold every adapter into its base weight (zero extra inference cost).
+
+    A layer that cannot merge in place (QLoRA) raises its error before anything is merged,
+    so the model is never left half merged.
+    """
+    layers = adapter_modules(model).values()
+    for layer in layers:
+        if not layer.mergeable:
+            layer.merge()  # raises, with the way out in its message
+    for layer in layers:
         layer.merge()
     return model
 

@@ -53,6 +53,7 @@ class LoRALinear(nn.Module):
     adapter_parameter_names = ("lora_A", "lora_B")
     method = "lora"
     base_type = nn.Linear  # QLoRALinear wraps a frozen 4-bit layer instead
+    mergeable = True  # False where merge() can only raise (QLoRALinear)
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  rslora: bool = False):

@@ -14,11 +14,14 @@ must either stay in 16/32 bits (to_merged_linear) or be re-quantized, which adds
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .lora import LoRALinear
+from .double_quant import DoubleQuantizedAbsmax
 from .quantized import QuantizedTensor, quantize_nf4
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -29,6 +32,25 @@ def _check_float_dtype(dtype, what: str) -> torch.dtype:
         raise ValueError(f"{what} must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}; "
                          "an integer weight cannot hold W0 + dW")
     return dtype
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """y = x @ dequant(W).T + b, with W dequantized again in the backward instead of saved.
+
+    Plain autograd would keep the dequantized 16-bit W alive from forward to backward, one
+    full-precision copy per layer, which is what 4-bit storage set out to avoid.
+    bitsandbytes' MatMul4Bit makes the same trade: a second dequantization for the memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_q, bias, compute_dtype):
+        ctx.weight_q, ctx.compute_dtype = weight_q, compute_dtype
+        return F.linear(x, weight_q.dequantize(compute_dtype), bias)  # [..., out]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w = ctx.weight_q.dequantize(ctx.compute_dtype)  # [out, in], rebuilt, not stored
+        return grad_out @ w, None, None, None  # dL/dx [..., in]; W and the bias are frozen
 
 
 class NF4Linear(nn.Module):
@@ -54,13 +76,30 @@ class NF4Linear(nn.Module):
         weight = quantize_nf4(linear.weight.detach(), block_size=block_size, double_quant=double_quant)
         return cls(weight, linear.bias, compute_dtype)
 
+    def _apply(self, fn, recurse=True):
+        """.to(device) / .cuda() move the codes buffer; make the quantized weight follow it.
+
+        Only the device changes: the scales stay float32 and the codes uint8 even under
+        .to(torch.bfloat16), which would otherwise turn every float tensor into bf16.
+        """
+        super()._apply(fn, recurse)
+        device = self.codes.device
+        absmax = self.weight_q.absmax
+        if isinstance(absmax, DoubleQuantizedAbsmax):
+            absmax = dataclasses.replace(absmax, codes=absmax.codes.to(device), absmax=absmax.absmax.to(device),
+                                         offset=absmax.offset.to(device), code=absmax.code.to(device))
+        else:
+            absmax = absmax.to(device)
+        self.weight_q = dataclasses.replace(self.weight_q, codes=self.codes, absmax=absmax)
+        return self
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W0 rebuilt from its codes, [out, in], in dtype (default: the compute dtype)."""
         return self.weight_q.dequantize(self.compute_dtype if dtype is None else dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)  # [..., out]
+        return _NF4Matmul.apply(x.to(self.compute_dtype), self.weight_q, bias, self.compute_dtype)  # [..., out]
 
     @property
     def nbytes(self) -> int:
@@ -77,6 +116,7 @@ class QLoRALinear(LoRALinear):
     """LoRA on top of an NF4Linear. The adapter stays float32; the base computes in bf16."""
 
     base_type = NF4Linear
+    mergeable = False  # merge_lora checks this before it merges anything
 
     @classmethod
     def from_linear(cls, base: nn.Linear, r: int = 8, alpha: float = 16, block_size: int = 64,
@@ -96,7 +136,8 @@ class QLoRALinear(LoRALinear):
                            "for a plain nn.Linear holding dequant(W0) + dW.")
 
     def unmerge(self) -> None:
-        raise RuntimeError("a QLoRA layer is never merged in place; nothing to unmerge")
+        raise RuntimeError("a QLoRA layer is never merged in place, so there is nothing to unmerge; "
+                           "to_merged_linear(dtype) returns the merged layer as a separate nn.Linear")
 
     @torch.no_grad()
     def to_merged_linear(self, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:

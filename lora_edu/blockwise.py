@@ -13,10 +13,14 @@ code table is a parameter (NF4, INT4 or FP4 from nf4.py, or the 8-bit dynamic co
 double_quant.py). The arithmetic follows bitsandbytes' quantize_4bit step by step
 (multiply by 1 / c_b, clamp to [-1, 1], search the midpoints of the sorted levels), so
 the codes match it byte for byte. Everything is vectorised over blocks; no Python loop.
+dequantize_packed is the fast road back from the packed bytes (one table lookup per byte,
+optionally one torch.compile'd pass); it returns the same bits as the plain
+dequantize_blockwise(unpack_nibbles(...)).
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
@@ -134,3 +138,68 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of pack_nibbles: [n] codes in 0..15 (uint8)."""
     pairs = torch.stack([packed >> 4, packed & 0x0F], dim=1)  # [n_bytes, 2]: (high, low)
     return pairs.view(-1)[:n]  # [n], the padding nibble dropped
+
+
+@functools.lru_cache(maxsize=16)
+def _byte_table(levels: tuple, device: torch.device) -> torch.Tensor:
+    """The pair of levels that each packed byte stands for: [256, 2] float32, made once per device.
+
+    Row b is (levels[b >> 4], levels[b & 15]), the first code in the high nibble, so one
+    lookup per byte replaces unpacking two codes and looking each one up.
+    """
+    lv = torch.tensor(levels, dtype=torch.float32, device=device)  # [16]
+    byte = torch.arange(256, device=device)  # [256], every value of a byte
+    return torch.stack([lv[byte >> 4], lv[byte & 0x0F]], dim=1)  # [256, 2]: (high, low)
+
+
+def _dequantize_fused(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """The definition for torch.compile, which fuses it into one pass: bytes in, weights out."""
+    values = table[packed.int()].flatten(1)  # [n_blocks, B/2] bytes -> [n_blocks, B/2, 2] -> [n_blocks, B]
+    return (values * absmax[:, None]).to(dtype)  # [n_blocks, B]
+
+
+_compiled_dequantize = None  # torch.compile(_dequantize_fused), made on first use
+_mark_dynamic = None  # torch._dynamo.maybe_mark_dynamic, imported on first use
+
+
+def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, block_size: int,
+                      n: int, dtype: torch.dtype = torch.float32, compiled: bool = False) -> torch.Tensor:
+    """w_hat = absmax[block] * levels[code] from the packed bytes, flat [n], rounded once to dtype.
+
+    Bit for bit dequantize_blockwise(unpack_nibbles(packed, n), ...).to(dtype), in fewer
+    passes: one lookup per byte in _byte_table, written into an output allocated once, then
+    the scales multiply it in place. compiled=True runs _dequantize_fused through
+    torch.compile instead: one generated C++ or Triton kernel reads each byte once and
+    writes each weight once. The first call compiles it (seconds, again for a new dtype,
+    block size or device; past torch's recompile limit of 8 it runs eagerly, with the same
+    result) and imports torch._dynamo, which lora_edu otherwise never does. A ragged last
+    block takes the plain route, and so do blocks of one weight.
+    """
+    device = packed.device
+    if n % block_size or block_size == 1:  # (whole blocks of two or more weights are whole bytes)
+        values = dequantize_blockwise(unpack_nibbles(packed, n), absmax, levels.to(device), block_size)
+        return values.to(dtype)  # [n]
+    table = _byte_table(tuple(levels.tolist()), device)  # [256, 2]
+    if compiled:
+        global _compiled_dequantize, _mark_dynamic
+        if _compiled_dequantize is None:
+            _compiled_dequantize = torch.compile(_dequantize_fused)
+            from torch._dynamo import maybe_mark_dynamic as _mark_dynamic  # (torch.compile imported it)
+        blocks = packed.view(-1, block_size // 2)  # [n_blocks, B/2] bytes
+        # one kernel for any number of blocks, so weights of other shapes don't recompile it;
+        # it is compiled once per block size, dtype and device
+        _mark_dynamic(blocks, 0)
+        _mark_dynamic(absmax, 0)
+        return _compiled_dequantize(blocks, absmax, table, dtype).view(-1)  # [n]
+    values = torch.empty(n, dtype=torch.float32, device=device)
+    # A table row is 8 bytes; viewed as one int64, index_select copies it as one element
+    # (a float32 [256, 2] table would be copied row by row, about half as fast).
+    rows = table.view(torch.int64).view(-1)  # [256]
+    torch.index_select(rows, 0, packed.int(), out=values.view(torch.int64))  # [n / 2] pairs of levels
+    blocks = values.view(-1, block_size)  # [n_blocks, B], each in [-1, 1]
+    if dtype == torch.float32:
+        return blocks.mul_(absmax[:, None]).view(-1)  # [n]
+    out = torch.empty(n, dtype=dtype, device=device)
+    torch.mul(blocks, absmax[:, None], out=out.view(-1, block_size))  # float32 product, rounded once to dtype
+    return out  # [n]

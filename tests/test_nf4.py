@@ -2,6 +2,8 @@
 
 import dataclasses
 import math
+import subprocess
+import sys
 from statistics import NormalDist
 
 import pytest
@@ -316,3 +318,38 @@ def test_bad_levels_and_rounding():
     with pytest.raises(ValueError, match="1-D float32"):
         double_quantize(torch.ones(4, 4))
     assert isinstance(double_quantize(torch.rand(10)), DoubleQuantizedAbsmax)
+
+
+# ------------------------------------------------------------------ the fast dequantization path
+def _definition(q):
+    """dequantize by the definition: unpack every code, look it up, scale its block."""
+    from lora_edu.blockwise import dequantize_blockwise, unpack_nibbles
+    scales = q.absmax.dequantize() if q.double_quant else q.absmax
+    codes = unpack_nibbles(q.codes, q.numel())
+    return dequantize_blockwise(codes, scales, q.levels, q.block_size).view(q.shape)
+
+
+@pytest.mark.parametrize("table", [nf4_levels, fp4_levels, int4_levels])
+@pytest.mark.parametrize("shape, block", [((64, 128), 64), ((32, 32), 32), ((3, 70), 64), ((256,), 256)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fast_dequantize_is_the_definition_bit_for_bit(table, shape, block, out_dtype):
+    torch.manual_seed(0)
+    q = quantize_4bit(torch.randn(shape), table(), block_size=block)
+    fast = q.dequantize(out_dtype)
+    slow = _definition(q).to(out_dtype)
+    assert torch.equal(fast.view(torch.int16 if out_dtype != torch.float32 else torch.int32),
+                       slow.view(torch.int16 if out_dtype != torch.float32 else torch.int32))  # -0.0 too
+
+
+def test_compiled_dequantize_is_the_eager_one_bit_for_bit():
+    pytest.importorskip("torch._inductor")
+    torch.manual_seed(0)
+    q = quantize_nf4(torch.randn(64, 128), double_quant=True)
+    assert torch.equal(q.dequantize(torch.float32, compiled=True), q.dequantize(torch.float32))
+
+
+def test_importing_and_eager_dequantize_never_load_the_compiler():
+    code = ("import sys, torch, lora_edu; q = lora_edu.quantize_nf4(torch.randn(64, 64)); q.dequantize(); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

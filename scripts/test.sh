@@ -24,4 +24,4 @@ fi
 echo "== running the tests"
 exec .venv/bin/python -m pytest tests notebooks book \
   --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
-  -p no:cacheprovider -n 2 --dist loadscope "$@"
+  -p no:cacheprovider -n 2 --dist loadscope -rs "$@"

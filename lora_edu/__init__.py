@@ -15,6 +15,8 @@ from .double_quant import DoubleQuantizedAbsmax, double_quantize, dynamic_map
 from .quantized import QuantizedTensor, bits_per_param, quantize_4bit, quantize_nf4
 from .paged import PagedAdam
 from .qlora import NF4Linear, QLoRALinear
+from .tasks import FINETUNE, PRETRAIN, Task, entropy_floor, make_batches
+from .tiny_transformer import LLAMA_TARGETS, TinyConfig, TinyLlama, pretrained_model
 from .sanity import Check, run_sanity_checks
 
 __version__ = "0.1.0"
@@ -28,4 +30,6 @@ __all__ = [
     "nf4_levels", "int4_levels", "fp4_levels", "NF4_OFFSET", "dynamic_map",
     "quantize_nf4", "quantize_4bit", "QuantizedTensor", "bits_per_param",
     "double_quantize", "DoubleQuantizedAbsmax", "NF4Linear", "QLoRALinear",
+    "TinyConfig", "TinyLlama", "LLAMA_TARGETS", "pretrained_model",
+    "Task", "PRETRAIN", "FINETUNE", "make_batches", "entropy_floor",
 ]

@@ -15,6 +15,8 @@ from .double_quant import DoubleQuantizedAbsmax, double_quantize, dynamic_map
 from .quantized import QuantizedTensor, bits_per_param, quantize_4bit, quantize_nf4
 from .paged import PagedAdam
 from .qlora import NF4Linear, QLoRALinear
+from .ledger import (Ledger, ModelSpec, PRESETS, activation_bytes, count_params, estimate_memory, get_preset,
+                     linear_shapes, lora_params_for, spec_from_tiny_config)
 from .tasks import FINETUNE, PRETRAIN, Task, entropy_floor, make_batches
 from .tiny_transformer import LLAMA_TARGETS, TinyConfig, TinyLlama, pretrained_model
 from .sanity import Check, run_sanity_checks
@@ -32,4 +34,6 @@ __all__ = [
     "double_quantize", "DoubleQuantizedAbsmax", "NF4Linear", "QLoRALinear",
     "TinyConfig", "TinyLlama", "LLAMA_TARGETS", "pretrained_model",
     "Task", "PRETRAIN", "FINETUNE", "make_batches", "entropy_floor",
+    "ModelSpec", "PRESETS", "get_preset", "spec_from_tiny_config", "count_params", "linear_shapes",
+    "lora_params_for", "activation_bytes", "estimate_memory", "Ledger",
 ]

@@ -1,0 +1,147 @@
+import pytest
+
+from lora_edu.ledger import (PRESETS, ModelSpec, activation_bytes, count_params, estimate_memory,
+                             get_preset, linear_shapes, lora_params_for, spec_from_tiny_config)
+from lora_edu.quantized import bits_per_param
+from lora_edu.tiny_transformer import TinyConfig, TinyLlama
+
+GB = 1e9
+A100_80GB = 80 * GB
+LLAMA_7B = get_preset("llama-7b")
+LLAMA_65B = get_preset("llama-65b")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("llama-7b", 6_738_415_616), ("llama-13b", 13_015_864_320), ("llama-33b", 32_528_943_616),
+    ("llama-65b", 65_285_660_672), ("llama-3-8b", 8_030_261_248), ("mistral-7b", 7_241_732_096),
+])
+def test_preset_counts_match_published_checkpoints(name, expected):
+    assert count_params(PRESETS[name]) == expected
+
+
+@pytest.mark.parametrize("cfg", [TinyConfig(), TinyConfig(n_layer=3, d_model=32, n_head=2, d_ff=80),
+                                 TinyConfig(tie_embeddings=True)])
+def test_spec_count_equals_real_module(cfg):
+    assert count_params(spec_from_tiny_config(cfg)) == count_params(TinyLlama(cfg))
+
+
+def test_gqa_shrinks_k_and_v_only():
+    mha, gqa = ModelSpec(4096, 1, 32, 14336, 10), ModelSpec(4096, 1, 32, 14336, 10, n_kv_heads=8)
+    assert linear_shapes(gqa, ("q", "k", "v", "o")) == [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096)]
+    assert count_params(mha) - count_params(gqa) == 2 * (4096 - 1024) * 4096
+
+
+def test_lora_qkvo_r8_on_7b_is_0_12_percent():
+    p_lora = lora_params_for(LLAMA_7B, ("q", "k", "v", "o"), r=8)
+    assert p_lora == 32 * 4 * 8 * (4096 + 4096) == 8_388_608
+    assert round(100 * p_lora / 7e9, 2) == 0.12  # the tutorial's figure, against a round 7B
+    assert round(100 * p_lora / count_params(LLAMA_7B), 3) == 0.124  # against the exact count
+
+
+def test_target_spellings():
+    assert lora_params_for(LLAMA_7B, ("q_proj", "v_proj"), 8) == lora_params_for(LLAMA_7B, ("q", "v"), 8)
+    assert lora_params_for(LLAMA_7B, "q_proj", 8) == lora_params_for(LLAMA_7B, ("q",), 8)
+    every = ("q", "k", "v", "o", "gate", "up", "down")
+    assert linear_shapes(LLAMA_7B, "all-linear") == linear_shapes(LLAMA_7B, every)
+    assert len(linear_shapes(LLAMA_7B, ("q", "q_proj"))) == 32  # a repeated target counts once
+
+
+def test_full_finetuning_is_16_bytes_per_param():
+    led = estimate_memory(LLAMA_7B, "full")
+    assert led.total == 16 * count_params(LLAMA_7B)
+    assert round(led.total / GB, 1) == 107.8  # exact LLaMA-7B count
+    assert 16 * 7e9 / GB == 112  # the tutorial's round 7B
+    assert (led.weights, led.gradients, led.master_weights, led.optimizer_states) == \
+        tuple(b * count_params(LLAMA_7B) for b in (2, 2, 4, 8))
+
+
+def test_policies_and_optimizers():
+    P = count_params(LLAMA_7B)
+    assert estimate_memory(LLAMA_7B, "full", "autocast_fp32").total == 16 * P
+    assert estimate_memory(LLAMA_7B, "full", "pure_bf16").total == 8 * P
+    assert estimate_memory(LLAMA_7B, "full", optimizer="sgd").total == 8 * P
+
+
+def test_lora_is_2_psi_plus_16_psi_lora():
+    led = estimate_memory(LLAMA_7B, "lora", r=8, targets=("q", "k", "v", "o"))
+    assert led.total == 2 * count_params(LLAMA_7B) + 16 * 8_388_608
+    assert led.gradients == led.master_weights == led.optimizer_states == 0
+
+
+def test_qlora_base_uses_bits_per_param():
+    led = estimate_memory(LLAMA_7B, "qlora", block_size=64, double_quant=True)
+    Q = sum(d * k for d, k in linear_shapes(LLAMA_7B, "all-linear"))
+    assert led.weights + led.quant_constants == pytest.approx(
+        Q * bits_per_param(64, True) / 8 + (count_params(LLAMA_7B) - Q) * 2)
+    single = estimate_memory(LLAMA_7B, "qlora", double_quant=False)
+    assert single.quant_constants == Q * 0.5 / 8  # 32 / 64 bits per weight
+    assert (single.quant_constants - led.quant_constants) * 8 / Q == pytest.approx(0.373, abs=1e-3)
+
+
+def test_single_gpu_fits():
+    for method in ("full", "lora"):
+        assert estimate_memory(LLAMA_65B, method).total > A100_80GB
+    assert estimate_memory(LLAMA_7B, "lora", batch=1, seq_len=512).total < A100_80GB
+
+
+def test_65b_qlora_on_48gb():
+    # QLoRA's setting: adapters on every linear, batch 1, short sequences, checkpointing
+    setting = dict(method="qlora", targets="all-linear", batch=1, seq_len=512, checkpointing=True)
+    assert estimate_memory(LLAMA_65B, r=16, **setting).total < 48 * GB
+    # at the paper's r = 64 the full 16 B per adapter parameter lands just over 48e9 bytes,
+    # under 48 GiB (a "48 GB" card's real size); bf16 adapters and states bring it well under
+    r64 = estimate_memory(LLAMA_65B, r=64, **setting).total
+    assert 48 * GB < r64 < 48 * 2**30
+    assert estimate_memory(LLAMA_65B, r=64, policy="pure_bf16", **setting).total < 42 * GB
+
+
+def test_activations():
+    kwargs = dict(batch=4, seq_len=1024)
+    full, lora = estimate_memory(LLAMA_7B, "full", **kwargs), estimate_memory(LLAMA_7B, "lora", **kwargs)
+    assert lora.activations == full.activations > 0  # LoRA does not save activation memory
+    ckpt = estimate_memory(LLAMA_7B, "lora", checkpointing=True, **kwargs)
+    assert ckpt.activations < full.activations / 10
+    s, b, h, a = 1024, 4, 4096, 32
+    assert full.activations == 32 * s * b * h * (34 + 5 * a * s / h)
+    assert estimate_memory(LLAMA_7B, "full").activations == 0
+    assert activation_bytes(LLAMA_7B, 1, 512, True) == 32 * 2 * 512 * h + 512 * h * (34 + 5 * a * 512 / h)
+
+
+def test_str_table():
+    text = str(estimate_memory(LLAMA_7B, "lora", batch=1, seq_len=128))
+    assert "lora / mixed_fp32_master / adam" in text and "activations" in text
+    names = [line.split()[0] for line in text.splitlines()[2:]]
+    assert "gradients" not in names and "lora_gradients" in names  # zero terms are left out
+    assert text.splitlines()[-1].split()[0] == "total"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(hidden_size=0), "hidden_size must be a positive int"),
+    (dict(n_layers=-1), "n_layers must be a positive int"),
+    (dict(vocab_size=1.5), "vocab_size must be a positive int"),
+    (dict(hidden_size=100, n_heads=3), "divisible by n_heads"),
+    (dict(n_kv_heads=3), "divisible by n_kv_heads"),
+])
+def test_bad_spec(kwargs, match):
+    base = dict(hidden_size=64, n_layers=2, n_heads=4, ffn_size=128, vocab_size=32)
+    with pytest.raises(ValueError, match=match):
+        ModelSpec(**{**base, **kwargs})
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: get_preset("gpt-5"), "unknown preset 'gpt-5'; known: llama-7b, .*mistral-7b"),
+    (lambda: estimate_memory(LLAMA_7B, "prefix"), "unknown method .*full, lora, qlora"),
+    (lambda: estimate_memory(LLAMA_7B, policy="fp8"), "unknown policy .*pure_bf16"),
+    (lambda: estimate_memory(LLAMA_7B, optimizer="lion"), "unknown optimizer .*adam, sgd"),
+    (lambda: lora_params_for(LLAMA_7B, ("q", "w1")), "unknown target 'w1'.*all-linear.*q_proj"),
+    (lambda: lora_params_for(ModelSpec(64, 1, 4, 128, 32, gated_ffn=False), ("gate",)), "unknown target"),
+    (lambda: lora_params_for(LLAMA_7B, ("q",), r=0), "r must be a positive int"),
+    (lambda: estimate_memory(LLAMA_7B, batch=-1), "batch must be an int >= 0"),
+])
+def test_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_preset_lookup_ignores_case():
+    assert get_preset("LLaMA-7B") is LLAMA_7B

@@ -10,6 +10,9 @@ For each device (the CPU, and the GPU when torch.cuda.is_available()), each size
                                                             w, blocksize=64, quant_type="nf4")
     dequantize            q.dequantize()                bitsandbytes.functional.dequantize_4bit(packed, state)
     dequantize, compiled  q.dequantize(compiled=True)   the same bitsandbytes call
+    dequantize, triton    q.dequantize(compiled="triton")
+                                                the same call (GPU only: a hand-written
+                                                Triton kernel, launched without torch.compile)
 
 Each time is the median over --repeats rounds, after warm-up calls (on a GPU, for at
 least 250 ms); ours and bitsandbytes take turns round by round, so a busy machine slows
@@ -26,8 +29,8 @@ reads those and writes n * s. Temporaries and extra passes are not counted: a pa
 makes them shows a lower figure. ours/bnb is the ratio of the times (below 1: ours is
 faster).
 
-Before timing, each case is checked: our compiled and eager dequantize must return the
-same bits as the plain definition (unpack_nibbles, then dequantize_blockwise), or the
+Before timing, each case is checked: our compiled, Triton (on a GPU) and eager dequantize
+must return the same bits as the plain definition (unpack_nibbles, then dequantize_blockwise), or the
 script stops. "same bits" says whether ours and bitsandbytes agree to the bit: codes and
 scales for quantize; for dequantize, the weights each rebuilds from bitsandbytes' codes
 and scales. This is a benchmark, not a test: timings depend on the machine and on what
@@ -126,21 +129,31 @@ def cases_for(device: torch.device, size: int, dtype: torch.dtype, bnb):
     eager, compiled = q.dequantize(), q.dequantize(compiled=True)  # (the first compiled call compiles)
     assert same_bits(eager, definition), f"eager dequantize differs from the definition on {device}"
     assert same_bits(compiled, eager), f"compiled dequantize differs from the eager one on {device}"
+    if device.type == "cuda":
+        triton = q.dequantize(compiled="triton")
+        assert same_bits(triton, eager), f"Triton dequantize differs from the eager one on {device}"
 
     quantize_same = torch.equal(q.codes, packed.view(-1)) and same_bits(q.absmax, state.absmax)
     # dequantize compared on bitsandbytes' own codes and scales, so that it stands alone
     theirs_as_ours = lora_edu.QuantizedTensor(packed.view(-1), state.absmax, w.shape, dtype, BLOCK_SIZE)
-    dequantize_same = same_bits(theirs_as_ours.dequantize(), bnb.dequantize_4bit(packed, state).view(w.shape))
+    theirs_rebuilt = bnb.dequantize_4bit(packed, state).view(w.shape)
+    dequantize_same = same_bits(theirs_as_ours.dequantize(), theirs_rebuilt)
+    if device.type == "cuda":
+        triton_same = same_bits(theirs_as_ours.dequantize(compiled="triton"), theirs_rebuilt)
 
     def theirs_dequantize():
         return bnb.dequantize_4bit(packed, state)
 
-    return w.numel(), [
+    cases = [
         ("quantize", lambda: lora_edu.quantize_nf4(w, BLOCK_SIZE),
          lambda: bnb.quantize_4bit(w, blocksize=BLOCK_SIZE, quant_type="nf4"), quantize_same),
         ("dequantize", q.dequantize, theirs_dequantize, dequantize_same),
         ("dequantize, compiled", lambda: q.dequantize(compiled=True), theirs_dequantize, dequantize_same),
     ]
+    if device.type == "cuda":
+        cases.append(("dequantize, triton", lambda: q.dequantize(compiled="triton"), theirs_dequantize,
+                      triton_same))
+    return w.numel(), cases
 
 
 def device_name(device: torch.device) -> str:
@@ -188,7 +201,8 @@ def main(argv=None) -> int:
     plan = [(torch.device(d), s, name) for d in devices for s in sizes for name in DTYPES]
 
     rows = []
-    with tqdm(total=3 * len(plan), desc="nf4 benchmark", unit="op") as bar:
+    ops = {"cpu": 3, "cuda": 4}  # the Triton row runs on a GPU only
+    with tqdm(total=sum(ops[d.type] for d, _, _ in plan), desc="nf4 benchmark", unit="op") as bar:
         for device, size, dtype_name in plan:
             repeats = args.repeats or (3 if args.quick else {"cpu": 5, "cuda": 20}[device.type])
             warmup = 1 if device.type == "cpu" else 3

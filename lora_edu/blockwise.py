@@ -14,8 +14,8 @@ double_quant.py). The arithmetic follows bitsandbytes' quantize_4bit step by ste
 (multiply by 1 / c_b, clamp to [-1, 1], search the midpoints of the sorted levels), so
 the codes match it byte for byte. Everything is vectorised over blocks; no Python loop.
 dequantize_packed is the fast road back from the packed bytes (one table lookup per byte,
-optionally one torch.compile'd pass); it returns the same bits as the plain
-dequantize_blockwise(unpack_nibbles(...)).
+optionally one torch.compile'd pass or, on a GPU, one hand-written Triton kernel); it
+returns the same bits as the plain dequantize_blockwise(unpack_nibbles(...)).
 """
 
 from __future__ import annotations
@@ -161,10 +161,59 @@ def _dequantize_fused(packed: torch.Tensor, absmax: torch.Tensor, table: torch.T
 
 _compiled_dequantize = None  # torch.compile(_dequantize_fused), made on first use
 _mark_dynamic = None  # torch._dynamo.maybe_mark_dynamic, imported on first use
+_triton_kernel = None  # the Triton kernel of _make_triton_kernel, made on first use
+tl = None  # triton.language, imported with it
+TRITON_BYTES = 1024  # packed bytes (2048 weights) per Triton program
+
+
+def _make_triton_kernel():
+    """One Triton program per TRITON_BYTES packed bytes: read each byte once, write two weights.
+
+    Written by hand and launched directly, so a call costs one kernel launch and none of
+    torch.compile's guard checks (tens of microseconds, as long as the kernel itself on a
+    16M-weight matrix). Only this path imports triton.
+    """
+    global tl  # triton compiles the kernel's source and looks its names up in this module
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dequantize_kernel(packed_ptr, absmax_ptr, table_ptr, out_ptr, n_bytes,
+                          HALF_BLOCK: tl.constexpr, BYTES: tl.constexpr):
+        first = tl.program_id(0).to(tl.int64) * BYTES  # (int64: no overflow past 2**31 weights)
+        i = first + tl.arange(0, BYTES)  # [BYTES] byte indices
+        byte = tl.load(packed_ptr + i, mask=i < n_bytes, other=0).to(tl.int32)  # [BYTES]
+        scale = tl.load(absmax_ptr + i // HALF_BLOCK, mask=i < n_bytes, other=0.0)  # [BYTES] c_b
+        high = tl.load(table_ptr + 2 * byte) * scale  # [BYTES] first weight, float32 product
+        low = tl.load(table_ptr + 2 * byte + 1) * scale  # [BYTES] second weight
+        pair = tl.reshape(tl.join(high, low), (2 * BYTES,))  # [BYTES, 2] -> [2 * BYTES], interleaved
+        j = 2 * first + tl.arange(0, 2 * BYTES)  # [2 * BYTES] weight indices
+        tl.store(out_ptr + j, pair.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),  # rounded once,
+                 mask=j < 2 * n_bytes)  # to nearest even, as torch does
+
+    return dequantize_kernel, triton.cdiv
+
+
+def _dequantize_triton(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, block_size: int,
+                       n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Launch the Triton kernel on CUDA tensors: flat [n] weights of dtype."""
+    global _triton_kernel
+    if packed.device.type != "cuda":
+        raise ValueError(f'compiled="triton" runs on CUDA tensors only, got {packed.device}; '
+                         "use compiled=True (torch.compile) on other devices")
+    if _triton_kernel is None:
+        _triton_kernel = _make_triton_kernel()
+    kernel, cdiv = _triton_kernel
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    n_bytes = packed.numel()  # n / 2
+    kernel[(cdiv(n_bytes, TRITON_BYTES),)](packed, absmax, table, out, n_bytes,
+                                           HALF_BLOCK=block_size // 2, BYTES=TRITON_BYTES)
+    return out  # [n]
 
 
 def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, block_size: int,
-                      n: int, dtype: torch.dtype = torch.float32, compiled: bool = False) -> torch.Tensor:
+                      n: int, dtype: torch.dtype = torch.float32, compiled: bool | str = False,
+                      table: torch.Tensor = None) -> torch.Tensor:
     """w_hat = absmax[block] * levels[code] from the packed bytes, flat [n], rounded once to dtype.
 
     Bit for bit dequantize_blockwise(unpack_nibbles(packed, n), ...).to(dtype), in fewer
@@ -173,14 +222,22 @@ def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.
     torch.compile instead: one generated C++ or Triton kernel reads each byte once and
     writes each weight once. The first call compiles it (seconds, again for a new dtype,
     block size or device; past torch's recompile limit of 8 it runs eagerly, with the same
-    result) and imports torch._dynamo, which lora_edu otherwise never does. A ragged last
-    block takes the plain route, and so do blocks of one weight.
+    result) and imports torch._dynamo, which lora_edu otherwise never does.
+    compiled="triton" (CUDA only) launches the hand-written kernel of _make_triton_kernel,
+    the same arithmetic without torch.compile's per-call guards. A ragged last block takes
+    the plain route, and so do blocks of one weight. table, if given, is
+    _byte_table(levels) on packed's device, cached by the caller (QuantizedTensor does).
     """
+    if compiled not in (False, True, "triton"):
+        raise ValueError(f'compiled must be False, True or "triton", got {compiled!r}')
     device = packed.device
     if n % block_size or block_size == 1:  # (whole blocks of two or more weights are whole bytes)
         values = dequantize_blockwise(unpack_nibbles(packed, n), absmax, levels.to(device), block_size)
         return values.to(dtype)  # [n]
-    table = _byte_table(tuple(levels.tolist()), device)  # [256, 2]
+    if table is None:
+        table = _byte_table(tuple(levels.tolist()), device)  # [256, 2]
+    if compiled == "triton":
+        return _dequantize_triton(packed, absmax, table, block_size, n, dtype)
     if compiled:
         global _compiled_dequantize, _mark_dynamic
         if _compiled_dequantize is None:

@@ -24,8 +24,8 @@ from typing import Union
 
 import torch
 
-from .blockwise import (FLOAT_DTYPES, check_block_size, check_levels, dequantize_packed, pack_nibbles,
-                        quantize_blockwise, round_to_levels)
+from .blockwise import (FLOAT_DTYPES, _byte_table, check_block_size, check_levels, dequantize_packed,
+                        pack_nibbles, quantize_blockwise, round_to_levels)
 from .double_quant import DoubleQuantizedAbsmax, double_quantize
 from .nf4 import fp4_levels, int4_levels, nf4_levels
 
@@ -66,6 +66,8 @@ class QuantizedTensor:
         self.shape = torch.Size(self.shape)
         if self.levels is None:
             self.levels = nf4_levels()
+        self._levels_checked = None  # (levels, its version) once check_levels has passed them
+        self._tables = {}  # device -> _byte_table(levels) there, made on first dequantize
         self._check()
 
     def numel(self) -> int:
@@ -81,13 +83,22 @@ class QuantizedTensor:
         return isinstance(self.absmax, DoubleQuantizedAbsmax)
 
     def _check(self) -> None:
-        """Raise if the parts do not fit together (run again by dequantize, after any edit)."""
+        """Raise if the parts do not fit together (run again by dequantize, after any edit).
+
+        Only types, dtypes and shapes of codes and scales are read, never their values, so
+        it costs a few microseconds and does not wait for the GPU. The levels' values are checked once,
+        and again only if levels is replaced or edited in place (which bumps its version).
+        """
         check_block_size(self.block_size)
         if self.dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
-        levels = check_levels(self.levels)
-        if levels.numel() != 16:
-            raise ValueError(f"a 4-bit code table has 16 levels, got {levels.numel()}")
+        seen = getattr(self, "_levels_checked", None)
+        if seen is None or seen[0] is not self.levels or seen[1] != self.levels._version:
+            levels = check_levels(self.levels)
+            if levels.numel() != 16:
+                raise ValueError(f"a 4-bit code table has 16 levels, got {levels.numel()}")
+            self._levels_checked = (self.levels, self.levels._version)
+            self._tables = {}  # made from the old levels
         if not isinstance(self.codes, torch.Tensor) or self.codes.dtype != torch.uint8:
             got = self.codes.dtype if isinstance(self.codes, torch.Tensor) else type(self.codes).__name__
             raise TypeError(f"codes must be a uint8 tensor (two 4-bit codes per byte), got {got}; "
@@ -107,12 +118,20 @@ class QuantizedTensor:
                              f"weights in blocks of {self.block_size}; got {got}. Re-quantize instead of "
                              "editing the scales")
 
-    def dequantize(self, dtype: torch.dtype = None, compiled: bool = False) -> torch.Tensor:
+    def _table_on(self, device: torch.device) -> torch.Tensor:
+        """_byte_table(levels) on device, [256, 2], kept so a call neither rebuilds nor hashes it."""
+        table = self._tables.get(device)
+        if table is None:
+            table = self._tables[device] = _byte_table(tuple(self.levels.tolist()), device)
+        return table
+
+    def dequantize(self, dtype: torch.dtype = None, compiled: Union[bool, str] = False) -> torch.Tensor:
         """W_hat in the original shape, computed in float32, returned as dtype (default: the original).
 
         The arithmetic is unpack_nibbles, then dequantize_blockwise; dequantize_packed does
         the same faster, straight from the bytes. compiled=True uses its torch.compile'd
-        kernel (compiled on first use, seconds); the result is the same to the bit.
+        kernel (compiled on first use, seconds); compiled="triton", on a GPU, its
+        hand-written Triton kernel, with less overhead per call. The result is the same to the bit.
         """
         self._check()
         dtype = self.dtype if dtype is None else dtype
@@ -120,7 +139,8 @@ class QuantizedTensor:
             raise TypeError(f"dequantize to float32, float16 or bfloat16, got {dtype}")
         scales = self.absmax.dequantize() if self.double_quant else self.absmax  # [n_blocks] float32
         # the float32 product rounds once, to dtype, as in bitsandbytes
-        w = dequantize_packed(self.codes, scales, self.levels, self.block_size, self.numel(), dtype, compiled)
+        w = dequantize_packed(self.codes, scales, self.levels, self.block_size, self.numel(), dtype, compiled,
+                              self._table_on(self.codes.device))
         return w.view(self.shape)  # [numel] -> the original shape
 
     @property

@@ -36,8 +36,9 @@ class PagedAdam(Adam):
 
     def _fetch_state(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if id(p) not in self.state:  # first step: zeros, created where they will wait
-            zeros = torch.zeros(p.shape, dtype=p.dtype, device=self.offload_device, pin_memory=self.pin)
-            self.state[id(p)] = (zeros, zeros.clone())
+            # (each made by torch.zeros: a clone of a pinned tensor is not pinned)
+            self.state[id(p)] = tuple(torch.zeros(p.shape, dtype=p.dtype, device=self.offload_device,
+                                                  pin_memory=self.pin) for _ in range(2))
         m, v = (s.to(p.device, non_blocking=True) for s in self.state[id(p)])
         resident = m.nbytes + v.nbytes
         self.bytes_paged_in += resident

@@ -53,6 +53,24 @@ def grads(layer, peft_layer, dora):
     return ours, theirs
 
 
+def assert_forward_merge_and_count_match(ours, theirs, peft_layers, bias, atol):
+    """Same output (and B matters), same trainable count, same merged weights and merged output."""
+    ids = token_ids()
+    with torch.no_grad():
+        out_ours, out_peft = ours(ids), theirs(ids)
+        assert not torch.allclose(out_ours, make_model(0, bias=bias)(ids), atol=1e-3)  # B matters
+    torch.testing.assert_close(out_ours, out_peft, rtol=0, atol=atol)
+    assert count_trainable_params(ours) == peft_trainable(theirs)
+
+    merged_peft = theirs.merge_and_unload()
+    merge_lora(ours)
+    for name in peft_layers:
+        torch.testing.assert_close(ours.get_submodule(name).base.weight, merged_peft.get_submodule(name).weight,
+                                   rtol=0, atol=atol)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), merged_peft(ids), rtol=0, atol=atol)
+
+
 # ------------------------------------------------------------------ plain LoRA and rsLoRA
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
@@ -61,20 +79,7 @@ def test_lora_forward_merge_and_count_match_peft(bias, rslora):
     for name, layer in adapter_modules(ours).items():
         assert layer.scaling == pytest.approx(peft_layers[name].scaling["default"], rel=1e-12)
 
-    ids = token_ids()
-    with torch.no_grad():
-        out_ours, out_peft = ours(ids), theirs(ids)
-        assert not torch.allclose(out_ours, make_model(0, bias=bias)(ids), atol=1e-3)  # B matters
-    torch.testing.assert_close(out_ours, out_peft, rtol=0, atol=1e-6)
-    assert count_trainable_params(ours) == peft_trainable(theirs)
-
-    merged_peft = theirs.merge_and_unload()
-    merge_lora(ours)
-    for name in peft_layers:
-        torch.testing.assert_close(ours.get_submodule(name).base.weight, merged_peft.get_submodule(name).weight,
-                                   rtol=0, atol=1e-6)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids), merged_peft(ids), rtol=0, atol=1e-6)
+    assert_forward_merge_and_count_match(ours, theirs, peft_layers, bias, atol=1e-6)
 
 
 @pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
@@ -102,18 +107,7 @@ def test_dora_magnitude_at_init_matches_peft(bias):
 @pytest.mark.parametrize("rslora", [False, True], ids=["dora", "dora_rslora"])
 def test_dora_forward_merge_and_count_match_peft(bias, rslora):
     ours, theirs, peft_layers = build(bias=bias, rslora=rslora, dora=True)
-    ids = token_ids()
-    with torch.no_grad():
-        out_ours, out_peft = ours(ids), theirs(ids)
-        assert not torch.allclose(out_ours, make_model(0, bias=bias)(ids), atol=1e-3)
-    torch.testing.assert_close(out_ours, out_peft, rtol=0, atol=1e-5)
-    assert count_trainable_params(ours) == peft_trainable(theirs)
-
-    merged_peft = theirs.merge_and_unload()
-    merge_lora(ours)
-    for name in peft_layers:
-        torch.testing.assert_close(ours.get_submodule(name).base.weight, merged_peft.get_submodule(name).weight,
-                                   rtol=0, atol=1e-5)
+    assert_forward_merge_and_count_match(ours, theirs, peft_layers, bias, atol=1e-5)
 
 
 def test_dora_gradients_match_peft():

@@ -164,6 +164,7 @@ _mark_dynamic = None  # torch._dynamo.maybe_mark_dynamic, imported on first use
 _triton_kernel = None  # the Triton kernel of _make_triton_kernel, made on first use
 tl = None  # triton.language, imported with it
 TRITON_BYTES = 1024  # packed bytes (2048 weights) per Triton program
+CHUNK_BYTES = 1 << 18  # packed bytes per pass of the eager path (1 MiB of int32 indices)
 
 
 def _make_triton_kernel():
@@ -217,8 +218,8 @@ def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.
     """w_hat = absmax[block] * levels[code] from the packed bytes, flat [n], rounded once to dtype.
 
     Bit for bit dequantize_blockwise(unpack_nibbles(packed, n), ...).to(dtype), in fewer
-    passes: one lookup per byte in _byte_table, written into an output allocated once, then
-    the scales multiply it in place. compiled=True runs _dequantize_fused through
+    passes: one lookup per byte in _byte_table, then the scales, chunk by chunk while the
+    chunk is in cache, straight into an output allocated once. compiled=True runs _dequantize_fused through
     torch.compile instead: one generated C++ or Triton kernel reads each byte once and
     writes each weight once. The first call compiles it (seconds, again for a new dtype,
     block size or device; past torch's recompile limit of 8 it runs eagerly, with the same
@@ -249,14 +250,28 @@ def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.
         _mark_dynamic(blocks, 0)
         _mark_dynamic(absmax, 0)
         return _compiled_dequantize(blocks, absmax, table, dtype).view(-1)  # [n]
-    values = torch.empty(n, dtype=torch.float32, device=device)
+    out = torch.empty(n, dtype=dtype, device=device)
     # A table row is 8 bytes; viewed as one int64, index_select copies it as one element
     # (a float32 [256, 2] table would be copied row by row, about half as fast).
     rows = table.view(torch.int64).view(-1)  # [256]
-    torch.index_select(rows, 0, packed.int(), out=values.view(torch.int64))  # [n / 2] pairs of levels
-    blocks = values.view(-1, block_size)  # [n_blocks, B], each in [-1, 1]
-    if dtype == torch.float32:
-        return blocks.mul_(absmax[:, None]).view(-1)  # [n]
-    out = torch.empty(n, dtype=dtype, device=device)
-    torch.mul(blocks, absmax[:, None], out=out.view(-1, block_size))  # float32 product, rounded once to dtype
+    # The bytes go through in chunks, so that the int32 indices and float32 pairs of a chunk
+    # stay in the CPU's cache between the three steps instead of making round trips through
+    # memory (measured on a 2-core EPYC: 51 -> 38 ms for a 4096 x 4096 fp32 weight).
+    # A chunk is whole blocks: CHUNK_BYTES and block_size are both powers of two.
+    n_bytes = packed.numel()  # n / 2
+    chunk = min(max(CHUNK_BYTES, block_size // 2), n_bytes)
+    index = torch.empty(chunk, dtype=torch.int32, device=device)  # scratch, reused by each chunk
+    pairs = torch.empty(chunk, dtype=torch.int64, device=device) if dtype != torch.float32 else None
+    for start in range(0, n_bytes, chunk):
+        stop = min(start + chunk, n_bytes)
+        index_part = index[:stop - start]
+        index_part.copy_(packed[start:stop])  # uint8 -> int32, index_select's index type
+        if pairs is None:  # float32: the levels land in the output and are scaled there
+            values = torch.index_select(rows, 0, index_part, out=out.view(torch.int64)[start:stop])
+            values.view(torch.float32).view(-1, block_size).mul_(absmax[2 * start // block_size:2 * stop // block_size, None])
+        else:  # float32 product in the scratch, rounded once into the output's dtype
+            values = torch.index_select(rows, 0, index_part, out=pairs[:stop - start])
+            torch.mul(values.view(torch.float32).view(-1, block_size),
+                      absmax[2 * start // block_size:2 * stop // block_size, None],
+                      out=out[2 * start:2 * stop].view(-1, block_size))
     return out  # [n]

@@ -353,3 +353,16 @@ def test_importing_and_eager_dequantize_never_load_the_compiler():
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("block", [64, 1 << 20])  # many blocks per chunk; a block longer than a chunk
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_fast_dequantize_across_chunks_is_the_definition(monkeypatch, block, out_dtype):
+    """The eager path works through CHUNK_BYTES at a time; a ragged last chunk must not lose weights."""
+    import lora_edu.blockwise as blockwise
+    monkeypatch.setattr(blockwise, "CHUNK_BYTES", 1 << 10)  # 2048 weights a chunk, so a small tensor spans many
+    torch.manual_seed(0)
+    n = 5 * (1 << 20) if block > 1 << 11 else 2048 * 7 + 64 * 3  # 7 whole chunks and part of an eighth
+    q = quantize_nf4(torch.randn(n), block_size=block)
+    bits = torch.int32 if out_dtype == torch.float32 else torch.int16
+    assert torch.equal(q.dequantize(out_dtype).view(bits), _definition(q).to(out_dtype).view(bits))

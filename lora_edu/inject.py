@@ -23,6 +23,28 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+def resolve_targets(model: nn.Module, target_modules, exclude=()) -> list[str]:
+    """Full dotted names of the nn.Linear layers that the target patterns pick out.
+
+    A pattern that matches no nn.Linear raises (naming the layers that do exist) rather than
+    attaching nothing there. Names matching a pattern in `exclude` are never candidates.
+    """
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
+    linears = {name: m for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not any(_matches(name, e) for e in exclude)}
+    chosen = [name for name in linears if any(_matches(name, t) for t in targets)]
+    missing = [t for t in targets if not any(_matches(name, t) for name in linears)]
+    if missing:
+        available = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        raise ValueError(
+            f"target_modules {missing} matched no nn.Linear layer, so no adapter would be attached "
+            f"there. Linear layers in this model (by last name component): {available}. "
+            f"Full names look like {sorted(linears)[:5]}.")
+    return chosen
+
+
 def adapter_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Every LoRA/DoRA layer in `model`, by its dotted name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -39,23 +61,10 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16,
     if dora and dropout:
         raise ValueError("dora=True supports no dropout here; pass dropout=0.0 "
                          "(HF PEFT's DoRA handles dropout with an extra forward pass)")
-    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
     if adapter_modules(model):
         raise ValueError("this model already has LoRA layers; call inject_lora once per model "
                          "(for a fresh adapter, start from a fresh copy of the base model)")
-
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    chosen = [name for name in linears if any(_matches(name, t) for t in targets)]
-    missing = [t for t in targets if not any(_matches(name, t) for name in linears)]
-    if missing:
-        available = sorted({name.rsplit(".", 1)[-1] for name in linears})
-        raise ValueError(
-            f"target_modules {missing} matched no nn.Linear layer, so no adapter would be attached "
-            f"there. Linear layers in this model (by last name component): {available}. "
-            f"Full names look like {sorted(linears)[:5]}.")
-
+    chosen = resolve_targets(model, target_modules)
     return wrap_modules(model, chosen, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
 
 

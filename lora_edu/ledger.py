@@ -7,12 +7,13 @@ the frozen base plus 16 * P_lora for the adapters, P_lora = sum of r * (d + k); 
 (Dettmers et al. 2023, arXiv 2305.14314) stores the base's linear weights in 4-bit NF4 with
 per-block scales, bits_per_param(block_size, double_quant) bits each.
 
-Activations follow Korthikanti et al. 2022, arXiv 2205.05198, eq. 1: one transformer layer
-keeps s * b * h * (34 + 5 * a * s / h) bytes of 16-bit activations (s sequence, b batch,
-h hidden, a heads); with full recomputation only each layer's input, 2 * s * b * h bytes,
-is kept. That formula was derived for GPT (4h GeLU FFN, dropout, stored attention scores),
-not LLaMA (SwiGLU, no dropout, fused attention), so treat it as an estimate to be checked
-against measured peaks. LoRA leaves it unchanged: backprop still runs through the whole base.
+Activations are counted op by op by lora_edu.activations: what autograd keeps for this
+architecture (LLaMA: RMSNorm, SwiGLU, fused attention that never stores the s x s scores),
+equal to the byte to what TinyLlama saves (tests/test_memory.py). LoRA keeps almost as much
+as full fine-tuning: backprop still runs through the whole base, and only the inputs that
+frozen weights would need for their own gradients are spared. activation_bytes gives the
+older one-formula estimate of Korthikanti et al. 2022, arXiv 2205.05198, eq. 1, derived for
+GPT (4h GeLU FFN, dropout, stored attention scores), for comparison.
 
 Sharding (ZeRO, FSDP), CPU offload and paged optimizers move these bytes elsewhere; DeepSpeed
 and bitsandbytes handle them, and this ledger counts one GPU holding everything.
@@ -20,12 +21,13 @@ and bitsandbytes handle them, and this ledger counts one GPU holding everything.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from torch import nn
 
+from .activations import TERMS as ACTIVATION_TERMS, recompute_bytes, saved_activation_terms
 from .inject import lora_param_count
-from .quantized import bits_per_param
+from .quantized import scale_bytes
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,11 @@ POLICIES = {
     "mixed_fp32_master": (2, 2, 4, 4),  # bf16 compute copy, fp32 master and states (ZeRO's 16 B)
     "autocast_fp32": (4, 4, 0, 4),  # torch.autocast: fp32 weights and grads, bf16 only inside ops
     "pure_bf16": (2, 2, 0, 2),  # everything bf16; cheapest, but small updates can round away
+    "fp32": (4, 4, 0, 4),  # everything float32 (CPU training; PEFT's adapters on any base)
 }
+# bytes per activation element under each policy (autocast runs the matmuls, and so most
+# saved tensors, in bf16; mixed precision computes in the bf16 copy)
+ACTIVATION_BYTES = {"mixed_fp32_master": 2, "autocast_fp32": 2, "pure_bf16": 2, "fp32": 4}
 OPTIMIZER_STATES = {"adam": 2, "sgd": 0}  # Adam keeps m and v; plain SGD (no momentum) nothing
 METHODS = ("full", "lora", "qlora")
 
@@ -162,10 +168,12 @@ class Ledger:
     lora_master_weights: float = 0
     lora_optimizer_states: float = 0
     quant_constants: float = 0  # QLoRA's per-block absmax scales (and their own scales)
-    activations: float = 0  # saved for backward; an estimate, see activation_bytes
+    activations: float = 0  # saved for the backward, all layers (lora_edu.activations)
+    recomputed_layer: float = 0  # checkpointing: one layer's activations, rebuilt in the backward
+    activation_terms: dict = field(default_factory=dict, repr=False)  # activations, by term
 
     def terms(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "label"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("label", "activation_terms")}
 
     @property
     def total(self) -> float:
@@ -180,37 +188,56 @@ class Ledger:
 def estimate_memory(spec: ModelSpec, method: str = "full", policy: str = "mixed_fp32_master",
                     optimizer: str = "adam", r: int = 8, targets=("q", "k", "v", "o"),
                     block_size: int = 64, double_quant: bool = True, batch: int = 0,
-                    seq_len: int = 0, checkpointing: bool = False) -> Ledger:
-    """Itemised bytes for fine-tuning `spec` on one device. 1 GB here is 1e9 bytes."""
+                    seq_len: int = 0, checkpointing: bool = False, adapter_policy: str | None = None) -> Ledger:
+    """Itemised bytes for fine-tuning `spec` on one device. 1 GB here is 1e9 bytes.
+
+    policy sets the bytes of the trained weights (and of the frozen base's weights);
+    adapter_policy, if given, those of the LoRA adapters: "fp32" is what PEFT and lora_edu
+    do on a 16-bit base (the tutorial's table keeps them under the mixed policy instead;
+    both come to 16 bytes per adapter parameter with Adam). Activations are counted when
+    batch and seq_len are given.
+    """
     if method not in METHODS:
         raise _unknown("method", method, METHODS)
-    if policy not in POLICIES:
-        raise _unknown("policy", policy, POLICIES)
+    for name, value in (("policy", policy), ("adapter_policy", adapter_policy or policy)):
+        if value not in POLICIES:
+            raise _unknown(name.replace("_", " "), value, POLICIES)
     if optimizer not in OPTIMIZER_STATES:
         raise _unknown("optimizer", optimizer, OPTIMIZER_STATES)
     for name, value in (("batch", batch), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if bool(batch) != bool(seq_len):
+        raise ValueError(f"give both batch and seq_len for the activations (got batch={batch}, seq_len={seq_len}), "
+                         "or neither to leave activations out")
     w, g, m, s = POLICIES[policy]
     n_states = OPTIMIZER_STATES[optimizer]
     P = count_params(spec)
     led = Ledger(label=f"{method} / {policy} / {optimizer}")
-    if batch and seq_len:
-        led.activations = activation_bytes(spec, batch, seq_len, checkpointing)
+    if method != "full":
+        P_lora = lora_params_for(spec, targets, r)  # checks targets and r
+        aw, ag, am, as_ = POLICIES[adapter_policy or policy]
+        led.lora_weights, led.lora_gradients, led.lora_master_weights = P_lora * aw, P_lora * ag, P_lora * am
+        led.lora_optimizer_states = P_lora * n_states * as_
+    if batch:
+        act = dict(method=method, targets=targets, r=r, act_bytes=ACTIVATION_BYTES[policy],
+                   adapter_bytes=POLICIES[adapter_policy or policy][0])
+        led.activation_terms = saved_activation_terms(spec, batch, seq_len, checkpointing=checkpointing, **act)
+        led.activations = sum(led.activation_terms.values())
+        if checkpointing:
+            led.recomputed_layer = recompute_bytes(spec, batch, seq_len, **act)
     if method == "full":
         led.weights, led.gradients, led.master_weights = P * w, P * g, P * m
         led.optimizer_states = P * n_states * s
-        return led
-    P_lora = lora_params_for(spec, targets, r)
-    led.lora_weights, led.lora_gradients, led.lora_master_weights = P_lora * w, P_lora * g, P_lora * m
-    led.lora_optimizer_states = P_lora * n_states * s
-    if method == "lora":
+    elif method == "lora":
         led.weights = P * w  # frozen base, still resident
-        return led
-    # QLoRA quantizes every decoder linear; embeddings, norms and lm_head stay at the weight width
-    # w (2 B in bf16). HF PEFT's prepare_model_for_kbit_training upcasts those to fp32 instead.
-    Q = sum(d * k for d, k in linear_shapes(spec, "all-linear"))
-    bits = bits_per_param(block_size, double_quant)
-    led.weights = Q * 4 / 8 + (P - Q) * w  # 4-bit codes
-    led.quant_constants = Q * (bits - 4) / 8  # absmax scales: 0.5 bit, or ~0.127 with double quant
+    else:
+        # QLoRA quantizes every decoder linear; embeddings, norms and lm_head stay at the weight
+        # width w (2 B in bf16). HF PEFT's prepare_model_for_kbit_training upcasts those to fp32.
+        shapes = linear_shapes(spec, "all-linear")
+        Q = sum(d * k for d, k in shapes)
+        led.weights = sum(-(-d * k // 2) for d, k in shapes) + (P - Q) * w  # 4-bit codes, two per byte
+        # absmax scales, about bits_per_param(block_size, double_quant) - 4 bits per weight:
+        # 0.5 bit, or ~0.127 with double quantization
+        led.quant_constants = sum(scale_bytes(d * k, block_size, double_quant) for d, k in shapes)
     return led

@@ -7,6 +7,12 @@ Per parameter p with gradient g, at step t (starting from m = v = 0):
     v <- b2 v + (1 - b2) g * g      second moment (a running mean of g squared)
     p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
+master_weights=True is the mixed-precision recipe of Micikevicius et al. 2017, arXiv
+1710.03740: for each bf16/fp16 parameter the optimizer keeps a float32 master copy, takes
+the step there (gradient upcast to float32, float32 m and v), and copies the result back
+rounded to the parameter's dtype. That is where "16 bytes per parameter" comes from:
+2 (weight) + 2 (gradient) + 4 (master) + 4 (m) + 4 (v).
+
 The operations follow torch.optim.Adam's single-tensor path (the one it takes for CPU
 tensors), so the result is bit-identical to it; the tests check that. It exists because it is
 short enough to read, and because constructing any torch.optim optimizer imports torch's
@@ -24,7 +30,8 @@ import torch
 class Adam:
     """Adam without weight decay or amsgrad, with torch.optim.Adam's defaults."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 master_weights: bool = False):
         self.params = list(params)
         if not self.params:
             raise ValueError("Adam got an empty parameter list; pass the parameters to train, "
@@ -34,6 +41,9 @@ class Adam:
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
         self.t = 0
         self.state = {}  # id(p) -> (m, v), created at the first step
+        # id(p) -> float32 copy of a 16-bit p, the weight the steps really update
+        self.master = {id(p): p.detach().float() for p in self.params
+                       if master_weights and p.dtype != torch.float32}
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -42,7 +52,8 @@ class Adam:
     def _fetch_state(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, v) for p, on p's device; created as zeros at p's first step."""
         if id(p) not in self.state:
-            self.state[id(p)] = (torch.zeros_like(p), torch.zeros_like(p))
+            w = self.master.get(id(p), p)  # float32 moments for a parameter with a master copy
+            self.state[id(p)] = (torch.zeros_like(w), torch.zeros_like(w))
         return self.state[id(p)]
 
     def _store_state(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
@@ -58,7 +69,11 @@ class Adam:
             if p.grad is None:
                 continue
             m, v = self._fetch_state(p)
-            m.lerp_(p.grad, 1 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            p.addcdiv_(m, (v.sqrt() / v_correction).add_(self.eps), value=-step_size)
+            w = self.master.get(id(p), p)  # [same shape as p], updated in place
+            g = p.grad if w is p else p.grad.float()
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            w.addcdiv_(m, (v.sqrt() / v_correction).add_(self.eps), value=-step_size)
+            if w is not p:
+                p.copy_(w)  # rounded once to p's 16-bit dtype
             self._store_state(p, m, v)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRALinear
+from .inject import adapter_modules, resolve_targets
+from .lora import LoRALinear, check_lora_hparams
 from .double_quant import DoubleQuantizedAbsmax
 from .quantized import QuantizedTensor, quantize_nf4
 
@@ -150,3 +151,33 @@ class QLoRALinear(LoRALinear):
         if self.base.bias is not None:
             merged.bias.copy_(self.base.bias.to(dtype))
         return merged.requires_grad_(False)
+
+
+def prepare_qlora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16, block_size: int = 64,
+                  double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+                  dropout: float = 0.0, rslora: bool = False, skip=("lm_head",)) -> nn.Module:
+    """The QLoRA recipe for a whole model, in place: NF4 base, float32 adapters on the targets.
+
+    Every nn.Linear except those named in `skip` (the output head, as in the QLoRA paper
+    and PEFT) is quantized to NF4; the targeted ones also get a LoRA bypass. Everything
+    else (embeddings, norms, the head) is cast to compute_dtype and frozen. Target names
+    are checked, and r, alpha and the dtype too, before the model is touched.
+    """
+    check_lora_hparams(r, alpha, dropout)
+    _check_float_dtype(compute_dtype, "compute_dtype")
+    if adapter_modules(model):
+        raise ValueError("this model already has LoRA layers; prepare_qlora takes a plain base model")
+    chosen = set(resolve_targets(model, target_modules, exclude=skip))
+    model.requires_grad_(False).to(compute_dtype)  # before quantizing: the codes come from 16-bit weights
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or any(name == k or name.endswith("." + k) for k in skip):
+            continue
+        parent_name, _, child_name = name.rpartition(".")
+        if name in chosen:
+            layer = QLoRALinear.from_linear(module, r=r, alpha=alpha, block_size=block_size,
+                                            double_quant=double_quant, compute_dtype=compute_dtype,
+                                            dropout=dropout, rslora=rslora)
+        else:
+            layer = NF4Linear.from_linear(module, block_size, double_quant, compute_dtype)
+        setattr(model.get_submodule(parent_name), child_name, layer)
+    return model

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpointing import checkpoint
 from .optim import Adam
 from .tasks import PRETRAIN, Task, make_batches
 
@@ -143,6 +144,7 @@ class TinyLlama(nn.Module):
     def __init__(self, cfg: TinyConfig = TinyConfig()):
         super().__init__()
         self.config = cfg
+        self.gradient_checkpointing = False  # True: keep only each layer's input for backward (see checkpointing.py)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)  # [vocab, d_model]
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -166,7 +168,10 @@ class TinyLlama(nn.Module):
         x = self.embed_tokens(ids)  # [B, T, d_model]
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # [T, head_dim]
         for layer in self.layers:
-            x = layer(x, cos, sin)  # [B, T, d_model]
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin)  # [B, T, d_model], activations rebuilt in backward
+            else:
+                x = layer(x, cos, sin)  # [B, T, d_model]
         return self.lm_head(self.norm(x))  # [B, T, vocab]
 
 

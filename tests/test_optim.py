@@ -92,3 +92,31 @@ def test_paged_on_gpu_matches_plain_adam_and_keeps_states_in_pinned_cpu_memory()
         (ref[0].square().sum() + ref[1].sum()).backward()
         ref_opt.step()
     assert torch.equal(big, ref[0]) and torch.equal(small, ref[1])
+
+
+def test_master_weights_step_in_float32_and_round_once():
+    """A bf16 parameter with a master copy follows fp32 Adam on that copy; the bf16 weight is its rounding."""
+    torch.manual_seed(0)
+    w16 = nn.Parameter(torch.randn(8, 6).bfloat16())
+    w32 = nn.Parameter(w16.detach().float())  # the same starting point in float32
+    ours, reference = Adam([w16], lr=1e-2, master_weights=True), torch.optim.Adam([w32], lr=1e-2)
+    x = torch.randn(5, 6)
+    for _ in range(20):
+        for w, opt in ((w16, ours), (w32, reference)):
+            opt.zero_grad()
+            (x.to(w.dtype) @ w.T).float().square().mean().backward()
+        w32.grad = w16.grad.float()  # the reference sees the same (bf16) gradient, upcast
+        ours.step()
+        reference.step()
+        assert torch.equal(ours.master[id(w16)], w32.detach())
+        assert torch.equal(w16.detach(), w32.detach().bfloat16())
+    m, v = ours.state[id(w16)]
+    assert m.dtype == v.dtype == torch.float32  # 4 + 4 bytes of state per parameter, not 2 + 2
+
+
+def test_without_master_weights_a_bf16_step_stays_in_bf16():
+    w = nn.Parameter(torch.randn(4, 4).bfloat16())
+    opt = Adam([w], lr=1e-2)
+    w.grad = torch.ones_like(w)
+    opt.step()
+    assert opt.master == {} and all(s.dtype == torch.bfloat16 for s in opt.state[id(w)])

@@ -1,7 +1,7 @@
 """Measure the peak GPU memory of a training step and set it beside the ledger's prediction.
 
-    python code/measure_memory.py [--out book/data/memory_gpu.json] [--quick]
-    python code/measure_memory.py --repredict book/data/memory_gpu.json   (no GPU needed)
+    python code/measure_memory.py [--out lora_edu/data/memory_gpu.json] [--quick]
+    python code/measure_memory.py --repredict lora_edu/data/memory_gpu.json   (no GPU needed)
 
 Needs a CUDA GPU (exits with a message otherwise). For two LLaMA-shaped TinyLlama sizes it
 builds, on the GPU, one model per method:
@@ -119,7 +119,7 @@ def predict(run: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("book/data/memory_gpu.json"))
+    parser.add_argument("--out", type=Path, default=Path("lora_edu/data/memory_gpu.json"))
     parser.add_argument("--quick", action="store_true", help="one small size (a smoke test)")
     parser.add_argument("--repredict", type=Path, metavar="JSON",
                         help="recompute the predictions of an existing file from the current ledger; no GPU")

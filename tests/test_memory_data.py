@@ -1,8 +1,8 @@
-"""The committed GPU measurements (book/data/memory_gpu.json, from code/measure_memory.py).
+"""The committed GPU measurements (lora_edu/data/memory_gpu.json, from code/measure_memory.py).
 
 CI has no GPU, so the measurements cannot be re-run here. What can be checked: the stored
 predictions are what the current ledger says for each recorded setting (change the ledger
-and you must run `python code/measure_memory.py --repredict book/data/memory_gpu.json`),
+and you must run `python code/measure_memory.py --repredict lora_edu/data/memory_gpu.json`),
 and every measured peak is within the issue's +-5% of its prediction.
 """
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = json.loads((ROOT / "book" / "data" / "memory_gpu.json").read_text())
+DATA = json.loads((ROOT / "lora_edu" / "data" / "memory_gpu.json").read_text())
 script = runpy.run_path(str(ROOT / "code" / "measure_memory.py"), run_name="measure_memory")
 
 

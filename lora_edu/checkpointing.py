@@ -48,9 +48,12 @@ class _Recompute(torch.autograd.Function):
                 torch.cuda.set_rng_state(state, device)
             with torch.enable_grad():
                 out = ctx.layer(*args)  # the forward again, recording this time
+                # sum(out * grad_out) has gradient grad_out (times 1.0, exactly) with respect to
+                # out; a scalar needs no grad_outputs, whose shape check imports sympy (0.4 s)
+                scalar = (out * grad_out).sum()
         wanted = [a for a in args if a.requires_grad]
         params = [p for p in ctx.layer.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(out, wanted + params, grad_out, allow_unused=True)
+        grads = torch.autograd.grad(scalar, wanted + params, allow_unused=True)
         arg_grads = iter(grads[:len(wanted)])
         return (None, None, *[next(arg_grads) if a.requires_grad else None for a in args],
                 *grads[len(wanted):])

@@ -124,8 +124,19 @@ def count_trainable_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def lora_param_count(shapes: Iterable[tuple[int, int]], r: int) -> int:
-    """sum over layers of r * (d + k) for weights of shape (d, k): the size of all A and B."""
+def lora_param_count(shapes, *args, **kwargs) -> int:
+    """sum over layers of r * (d + k) for weights of shape (d, k): the size of all A and B.
+
+    lora_param_count(shapes, r) for a list of (d, k), or lora_param_count(spec, targets, r)
+    for a lora_edu.ledger.ModelSpec (its lora_params_for).
+    """
+    from .ledger import ModelSpec, lora_params_for  # (the ledger imports this module)
+    if isinstance(shapes, ModelSpec):
+        return lora_params_for(shapes, *args, **kwargs)
+    return _shapes_param_count(shapes, *args, **kwargs)
+
+
+def _shapes_param_count(shapes: Iterable[tuple[int, int]], r: int) -> int:
     check_lora_hparams(r, alpha=1.0)
     total = 0
     for shape in shapes:

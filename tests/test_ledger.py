@@ -36,6 +36,9 @@ def test_lora_qkvo_r8_on_7b_is_0_12_percent():
     assert p_lora == 32 * 4 * 8 * (4096 + 4096) == 8_388_608
     assert round(100 * p_lora / 7e9, 2) == 0.12  # the tutorial's figure, against a round 7B
     assert round(100 * p_lora / count_params(LLAMA_7B), 3) == 0.124  # against the exact count
+    from lora_edu import lora_param_count
+    assert lora_param_count(LLAMA_7B, ("q", "k", "v", "o"), 8) == p_lora  # the same count, spec-first
+    assert lora_param_count([(4096, 4096)] * 128, 8) == p_lora  # or from the shapes
 
 
 def test_target_spellings():

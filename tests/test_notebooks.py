@@ -78,3 +78,11 @@ def test_citations_exist_and_carry_arxiv_ids():
              for k in keys.split(",")}
     assert cited, "no page cites anything"
     assert cited <= set(entries), f"cited but not in references.bib: {sorted(cited - set(entries))}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_page_title_has_no_maths(path):
+    """Titles appear in every page's sidebar, and pages without maths load no MathJax to typeset them."""
+    first = next(_source(c) for c in _cells(path) if c["cell_type"] == "markdown")
+    title = next(line for line in first.splitlines() if line.startswith("# "))
+    assert "$" not in title, f"{path.name}: write the title in plain text or Unicode, not maths: {title}"

@@ -13,6 +13,8 @@ For each device (the CPU, and the GPU when torch.cuda.is_available()), each size
     dequantize, triton    q.dequantize(compiled="triton")
                                                 the same call (GPU only: a hand-written
                                                 Triton kernel, launched without torch.compile)
+    dequantize, cpp       q.dequantize(compiled="cpp")  the same call (CPU only: a hand-written
+                                                C++ kernel, built on first use)
 
 Each time is the median over --repeats rounds, after warm-up calls (on a GPU, for at
 least 250 ms); ours and bitsandbytes take turns round by round, so a busy machine slows
@@ -29,7 +31,7 @@ reads those and writes n * s. Temporaries and extra passes are not counted: a pa
 makes them shows a lower figure. ours/bnb is the ratio of the times (below 1: ours is
 faster).
 
-Before timing, each case is checked: our compiled, Triton (on a GPU) and eager dequantize
+Before timing, each case is checked: our compiled, Triton (GPU) or C++ (CPU) and eager dequantize
 must return the same bits as the plain definition (unpack_nibbles, then dequantize_blockwise), or the
 script stops. "same bits" says whether ours and bitsandbytes agree to the bit: codes and
 scales for quantize; for dequantize, the weights each rebuilds from bitsandbytes' codes
@@ -129,17 +131,15 @@ def cases_for(device: torch.device, size: int, dtype: torch.dtype, bnb):
     eager, compiled = q.dequantize(), q.dequantize(compiled=True)  # (the first compiled call compiles)
     assert same_bits(eager, definition), f"eager dequantize differs from the definition on {device}"
     assert same_bits(compiled, eager), f"compiled dequantize differs from the eager one on {device}"
-    if device.type == "cuda":
-        triton = q.dequantize(compiled="triton")
-        assert same_bits(triton, eager), f"Triton dequantize differs from the eager one on {device}"
+    kernel = "triton" if device.type == "cuda" else "cpp"  # the hand-written kernel of this device
+    assert same_bits(q.dequantize(compiled=kernel), eager), f"{kernel} dequantize differs from the eager one"
 
     quantize_same = torch.equal(q.codes, packed.view(-1)) and same_bits(q.absmax, state.absmax)
     # dequantize compared on bitsandbytes' own codes and scales, so that it stands alone
     theirs_as_ours = lora_edu.QuantizedTensor(packed.view(-1), state.absmax, w.shape, dtype, BLOCK_SIZE)
     theirs_rebuilt = bnb.dequantize_4bit(packed, state).view(w.shape)
     dequantize_same = same_bits(theirs_as_ours.dequantize(), theirs_rebuilt)
-    if device.type == "cuda":
-        triton_same = same_bits(theirs_as_ours.dequantize(compiled="triton"), theirs_rebuilt)
+    kernel_same = same_bits(theirs_as_ours.dequantize(compiled=kernel), theirs_rebuilt)
 
     def theirs_dequantize():
         return bnb.dequantize_4bit(packed, state)
@@ -150,9 +150,7 @@ def cases_for(device: torch.device, size: int, dtype: torch.dtype, bnb):
         ("dequantize", q.dequantize, theirs_dequantize, dequantize_same),
         ("dequantize, compiled", lambda: q.dequantize(compiled=True), theirs_dequantize, dequantize_same),
     ]
-    if device.type == "cuda":
-        cases.append(("dequantize, triton", lambda: q.dequantize(compiled="triton"), theirs_dequantize,
-                      triton_same))
+    cases.append((f"dequantize, {kernel}", lambda: q.dequantize(compiled=kernel), theirs_dequantize, kernel_same))
     return w.numel(), cases
 
 
@@ -201,7 +199,7 @@ def main(argv=None) -> int:
     plan = [(torch.device(d), s, name) for d in devices for s in sizes for name in DTYPES]
 
     rows = []
-    ops = {"cpu": 3, "cuda": 4}  # the Triton row runs on a GPU only
+    ops = {"cpu": 4, "cuda": 4}  # quantize, dequantize, compiled, and the device's hand-written kernel
     with tqdm(total=sum(ops[d.type] for d, _, _ in plan), desc="nf4 benchmark", unit="op") as bar:
         for device, size, dtype_name in plan:
             repeats = args.repeats or (3 if args.quick else {"cpu": 5, "cuda": 20}[device.type])

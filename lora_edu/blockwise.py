@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import functools
 import numbers
+import platform
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +164,7 @@ def _dequantize_fused(packed: torch.Tensor, absmax: torch.Tensor, table: torch.T
 _compiled_dequantize = None  # torch.compile(_dequantize_fused), made on first use
 _mark_dynamic = None  # torch._dynamo.maybe_mark_dynamic, imported on first use
 _triton_kernel = None  # the Triton kernel of _make_triton_kernel, made on first use
+_cpp_kernel = None  # the extension module built from csrc/nf4_dequantize.cpp, on first use
 tl = None  # triton.language, imported with it
 TRITON_BYTES = 1024  # packed bytes (2048 weights) per Triton program
 CHUNK_BYTES = 1 << 18  # packed bytes per pass of the eager path (1 MiB of int32 indices)
@@ -212,6 +215,40 @@ def _dequantize_triton(packed: torch.Tensor, absmax: torch.Tensor, table: torch.
     return out  # [n]
 
 
+def _load_cpp_kernel():
+    """Compile (once per machine, about a minute) and import csrc/nf4_dequantize.cpp."""
+    global _cpp_kernel
+    if _cpp_kernel is None:
+        import os
+
+        from torch.utils import cpp_extension
+
+        source = os.path.join(os.path.dirname(__file__), "csrc", "nf4_dequantize.cpp")
+        openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []  # (Apple's clang has no OpenMP)
+        # built for this machine's vector units (AVX-512 where there is one): the build is per machine anyway
+        native = ["-march=native"] if platform.machine().lower() in ("x86_64", "amd64") else []
+        print("lora_edu: building the C++ NF4 kernel (about a minute, once per machine)...", file=sys.stderr)
+        try:
+            _cpp_kernel = cpp_extension.load("lora_edu_nf4_dequantize", [source],
+                                             extra_cflags=["-O3", *native, *openmp], extra_ldflags=openmp)
+        except Exception as error:  # no compiler, no ninja, no Python headers, ...
+            raise RuntimeError(f'compiled="cpp" builds a C++ kernel with torch.utils.cpp_extension, which failed '
+                               f"({type(error).__name__}: {str(error)[:300]}); it needs a C++ compiler, ninja and "
+                               "Python's headers. compiled=True (torch.compile) or the default eager path give "
+                               "the same bits.") from error
+    return _cpp_kernel
+
+
+def _dequantize_cpp(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, block_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Run the C++ kernel on CPU tensors: flat [n] weights of dtype, from whole blocks."""
+    if packed.device.type != "cpu":
+        raise ValueError(f'compiled="cpp" runs on CPU tensors only, got {packed.device}; '
+                         'use compiled="triton" on a CUDA GPU')
+    return _load_cpp_kernel().dequantize(packed.contiguous().view(-1), absmax.float().contiguous(),
+                                         table.contiguous(), block_size, dtype)
+
+
 def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, block_size: int,
                       n: int, dtype: torch.dtype = torch.float32, compiled: bool | str = False,
                       table: torch.Tensor = None) -> torch.Tensor:
@@ -225,12 +262,13 @@ def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.
     block size or device; past torch's recompile limit of 8 it runs eagerly, with the same
     result) and imports torch._dynamo, which lora_edu otherwise never does.
     compiled="triton" (CUDA only) launches the hand-written kernel of _make_triton_kernel,
-    the same arithmetic without torch.compile's per-call guards. A ragged last block takes
+    the same arithmetic without torch.compile's per-call guards; compiled="cpp" (CPU only)
+    runs its C++ counterpart, csrc/nf4_dequantize.cpp, compiled on first use. A ragged last block takes
     the plain route, and so do blocks of one weight. table, if given, is
     _byte_table(levels) on packed's device, cached by the caller (QuantizedTensor does).
     """
-    if compiled not in (False, True, "triton"):
-        raise ValueError(f'compiled must be False, True or "triton", got {compiled!r}')
+    if compiled not in (False, True, "triton", "cpp"):
+        raise ValueError(f'compiled must be False, True, "triton" (CUDA) or "cpp" (CPU), got {compiled!r}')
     device = packed.device
     if n % block_size or block_size == 1:  # (whole blocks of two or more weights are whole bytes)
         values = dequantize_blockwise(unpack_nibbles(packed, n), absmax, levels.to(device), block_size)
@@ -239,6 +277,8 @@ def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.
         table = _byte_table(tuple(levels.tolist()), device)  # [256, 2]
     if compiled == "triton":
         return _dequantize_triton(packed, absmax, table, block_size, n, dtype)
+    if compiled == "cpp":
+        return _dequantize_cpp(packed, absmax, table, block_size, dtype)
     if compiled:
         global _compiled_dequantize, _mark_dynamic
         if _compiled_dequantize is None:

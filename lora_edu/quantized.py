@@ -143,7 +143,8 @@ class QuantizedTensor:
         The arithmetic is unpack_nibbles, then dequantize_blockwise; dequantize_packed does
         the same faster, straight from the bytes. compiled=True uses its torch.compile'd
         kernel (compiled on first use, seconds); compiled="triton", on a GPU, its
-        hand-written Triton kernel, with less overhead per call. The result is the same to the bit.
+        hand-written Triton kernel, with less overhead per call; compiled="cpp", on the CPU, its
+        hand-written C++ kernel (built on first use, about a minute). The result is the same to the bit.
         """
         self._check()
         dtype = self.dtype if dtype is None else dtype

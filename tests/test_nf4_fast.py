@@ -65,7 +65,7 @@ def test_bad_compiled_values():
     q = quantize_nf4(torch.randn(8, 64))
     with pytest.raises(ValueError, match="CUDA tensors only"):
         q.dequantize(compiled="triton")
-    with pytest.raises(ValueError, match='False, True or "triton"'):
+    with pytest.raises(ValueError, match='False, True, "triton" \\(CUDA\\) or "cpp" \\(CPU\\)'):
         q.dequantize(compiled="cuda")
 
 
@@ -86,3 +86,27 @@ def test_triton_dequantize_is_the_eager_one_bit_for_bit(shape, block, dtype, dou
     w = (3 * torch.randn(shape, generator=g)).cuda()
     q = quantize_nf4(w, block, double_quant=double_quant and w.numel() // block >= 2)
     assert torch.equal(_bits(q.dequantize(dtype, compiled="triton")), _bits(q.dequantize(dtype)))
+
+
+def _can_build_extensions() -> bool:
+    import shutil
+    return shutil.which("c++") is not None and shutil.which("ninja") is not None
+
+
+@pytest.mark.skipif(not _can_build_extensions(), reason="compiled='cpp' needs a C++ compiler and ninja")
+@pytest.mark.parametrize("shape, block", [((64, 128), 64), ((1000, 32), 32), ((7, 256), 256), ((3, 70), 64),
+                                          ((2, 2048), 2048), ((64, 64), 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_cpp_dequantize_is_the_eager_one_bit_for_bit(shape, block, dtype, double_quant):
+    """The C++ kernel (built once per machine): whole blocks, a ragged last block, blocks over 512 weights."""
+    g = torch.Generator().manual_seed(0)
+    w = 3 * torch.randn(shape, generator=g)
+    q = quantize_nf4(w, block, double_quant=double_quant and w.numel() // block >= 2)
+    assert torch.equal(_bits(q.dequantize(dtype, compiled="cpp")), _bits(q.dequantize(dtype)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="checks the message for CUDA tensors")
+def test_cpp_refuses_cuda_tensors():
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        quantize_nf4(torch.randn(8, 64).cuda()).dequantize(compiled="cpp")

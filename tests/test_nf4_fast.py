@@ -89,11 +89,14 @@ def test_triton_dequantize_is_the_eager_one_bit_for_bit(shape, block, dtype, dou
 
 
 def _can_build_extensions() -> bool:
+    import os
     import shutil
-    return shutil.which("c++") is not None and shutil.which("ninja") is not None
+    import sysconfig
+    headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    return bool(shutil.which("c++") and shutil.which("ninja") and os.path.exists(headers))
 
 
-@pytest.mark.skipif(not _can_build_extensions(), reason="compiled='cpp' needs a C++ compiler and ninja")
+@pytest.mark.skipif(not _can_build_extensions(), reason="compiled='cpp' needs a C++ compiler, ninja and Python.h")
 @pytest.mark.parametrize("shape, block", [((64, 128), 64), ((1000, 32), 32), ((7, 256), 256), ((3, 70), 64),
                                           ((2, 2048), 2048), ((64, 64), 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -38,15 +38,25 @@ def book_style():
         shell.run_line_magic("config", 'InlineBackend.print_figure_kwargs = {"bbox_inches": None}')
 
 
-def log_y(ax):
+def _plain_log(ax, which, base):
+    getattr(ax, f"set_{which}scale")("log", base=base)
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_locator(NullLocator())
+
+
+def log_y(ax, base=10):
     """Put `ax` on a log y-axis labelled in plain numbers (1e-05, 0.001, 0.1), without minor ticks.
 
     matplotlib's default labels, 10 with an exponent, go through its maths typesetter, which
     takes longer than drawing the rest of these small figures.
     """
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-    ax.yaxis.set_minor_locator(NullLocator())
+    _plain_log(ax, "y", base)
+
+
+def log_x(ax, base=10):
+    """log_y for the x-axis; base=2 labels ranks as 1, 2, 4, ... 1024."""
+    _plain_log(ax, "x", base)
 
 
 def frame_player(fig, draw_frame, n_frames, interval=800, close=True):

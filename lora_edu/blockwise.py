@@ -100,16 +100,9 @@ def scale_blocks(blocks: torch.Tensor, numel: int):
 def round_to_levels(scaled: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level for each value in [-1, 1], ties to the lower level (int32)."""
     midpoints = (levels[:-1] + levels[1:]) / 2  # [L-1], sorted because levels are
-    # The code is the number of midpoints strictly below x: x exactly on midpoint i stays at
-    # level i, the lower neighbour. torch.bucketize computes the same (midpoints[i-1] < x <=
-    # midpoints[i]); on the CPU, counting with L - 1 vectorised comparisons is about 3x faster
-    # than its binary search per element, so the CPU counts and other devices bucketize.
-    if scaled.device.type != "cpu" or levels.numel() > 256:
-        return torch.bucketize(scaled, midpoints, out_int32=True)
-    count = torch.zeros(scaled.shape, dtype=torch.uint8)
-    for m in midpoints.tolist():
-        count.add_(scaled > m)  # (scaled and m both float32: the same comparison bucketize makes)
-    return count.int()
+    # bucketize finds i with midpoints[i-1] < x <= midpoints[i]: x below midpoint i picks
+    # level i, and x exactly on it also picks level i, the lower neighbour.
+    return torch.bucketize(scaled, midpoints, out_int32=True)
 
 
 def quantize_blockwise(w: torch.Tensor, levels: torch.Tensor, block_size: int):

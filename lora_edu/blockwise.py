@@ -12,10 +12,12 @@ One outlier then only coarsens its own block of B weights, not the whole matrix.
 code table is a parameter (NF4, INT4 or FP4 from nf4.py, or the 8-bit dynamic code of
 double_quant.py). The arithmetic follows bitsandbytes' quantize_4bit step by step
 (multiply by 1 / c_b, clamp to [-1, 1], search the midpoints of the sorted levels), so
-the codes match it byte for byte. Everything is vectorised over blocks; no Python loop.
+the codes match it byte for byte. Everything is vectorised over blocks; no Python loop
+over blocks (the eager CPU path walks cache-sized chunks of thousands of blocks).
 dequantize_packed is the fast road back from the packed bytes (one table lookup per byte,
-optionally one torch.compile'd pass or, on a GPU, one hand-written Triton kernel); it
-returns the same bits as the plain dequantize_blockwise(unpack_nibbles(...)).
+optionally one torch.compile'd pass, or a hand-written kernel: Triton on a GPU,
+csrc/nf4_dequantize.cpp on the CPU); it returns the same bits as the plain
+dequantize_blockwise(unpack_nibbles(...)).
 """
 
 from __future__ import annotations

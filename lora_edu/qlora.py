@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inject import adapter_modules, resolve_targets
+from .inject import _matches, adapter_modules, resolve_targets
 from .lora import LoRALinear, check_lora_hparams
 from .double_quant import DoubleQuantizedAbsmax
 from .quantized import QuantizedTensor, quantize_nf4
@@ -170,7 +170,7 @@ def prepare_qlora(model: nn.Module, target_modules, r: int = 8, alpha: float = 1
     chosen = set(resolve_targets(model, target_modules, exclude=skip))
     model.requires_grad_(False).to(compute_dtype)  # before quantizing: the codes come from 16-bit weights
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or any(name == k or name.endswith("." + k) for k in skip):
+        if not isinstance(module, nn.Linear) or any(_matches(name, k) for k in skip):
             continue
         parent_name, _, child_name = name.rpartition(".")
         if name in chosen:

@@ -52,7 +52,7 @@ import torch
 from tqdm import tqdm
 
 import lora_edu
-from lora_edu.blockwise import dequantize_blockwise, unpack_nibbles
+from lora_edu.quant.blockwise import dequantize_blockwise, unpack_nibbles
 
 BLOCK_SIZE = 64  # QLoRA's block, bitsandbytes' default
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

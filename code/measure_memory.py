@@ -15,7 +15,7 @@ and LoRA and QLoRA again with gradient checkpointing. Each takes one warm-up ste
 Adam's states exist), then one measured step: torch.cuda.memory_allocated before it
 (resident) and after its forward, backward and optimizer step, and
 torch.cuda.max_memory_allocated over it (peak). The prediction is
-lora_edu.peak.estimate_peak for the same setting. The JSON records the date, the device,
+lora_edu.memory.peak.estimate_peak for the same setting. The JSON records the date, the device,
 torch's version, every setting and both numbers; chapter 4 reads it and
 tests/test_memory_data.py checks it against the current ledger. --quick runs one small size.
 --repredict rewrites only the predictions of an existing file, after a change to the ledger.
@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from lora_edu import LLAMA_TARGETS, Adam, TinyConfig, TinyLlama, inject_lora, prepare_qlora
-from lora_edu.ledger import spec_from_tiny_config
-from lora_edu.peak import estimate_peak
-from lora_edu.tiny_transformer import lm_loss
+from lora_edu.memory.spec import spec_from_tiny_config
+from lora_edu.memory.peak import estimate_peak
+from lora_edu.tiny.model import lm_loss
 
 SIZES = {  # LLaMA proportions: head size 128, d_ff about 8/3 d_model rounded as LLaMA does
     "0.5B": TinyConfig(vocab_size=32000, block_size=512, n_layer=8, n_head=16, d_model=2048, d_ff=5632),

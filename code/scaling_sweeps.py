@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from lora_edu import LLAMA_TARGETS
-from lora_edu.scaling import finetune, step1_grad_norm
+from lora_edu.experiments.scaling import finetune, step1_grad_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "lora_edu" / "data" / "scaling_sweeps.json"

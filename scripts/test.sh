@@ -4,7 +4,12 @@
 # 1. a virtual environment in .venv with the exact pins of requirements.txt and lora_edu;
 # 2. Debian's chromium for the browser test (installed with apt-get when run as root);
 # 3. the web book, built into _build/html (the browser test reads it);
-# 4. pytest: unit and parity tests, strict nbval on every notebook, the browser test.
+# 4. pytest: unit and parity tests, strict nbval on every notebook, the browser test;
+# 5. strict nbval on every notebook once more, and the re-run of chapter 2's stored sweeps,
+#    on other CPU code paths: ATen's portable kernels instead of AVX2/AVX-512
+#    (ATEN_CPU_CAPABILITY=default), MKL's reproducible-across-CPUs mode (MKL_CBWR=COMPATIBLE)
+#    and one thread. Each moves figures that went through a training loop on this machine, as
+#    another CPU would; stored outputs must hold under both passes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +26,12 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+NBVAL=(--nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider -n 2 --dist loadscope)
+
 echo "== running the tests"
-exec .venv/bin/python -m pytest tests notebooks book \
-  --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
-  -p no:cacheprovider -n 2 --dist loadscope -rs "$@"
+.venv/bin/python -m pytest tests notebooks book "${NBVAL[@]}" -rs "$@"
+
+echo "== the notebooks and the stored sweeps again, on other CPU code paths"
+ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+  .venv/bin/python -m pytest notebooks book tests/test_scaling.py::test_committed_sweeps_equal_a_quick_rerun \
+  "${NBVAL[@]}" -q

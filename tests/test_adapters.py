@@ -1,4 +1,4 @@
-"""lora_edu.adapters: save/load adapters as safetensors, bit-exactly, with clear errors.
+"""lora_edu.methods.adapters: save/load adapters as safetensors, bit-exactly, with clear errors.
 
 Every failed load must leave the model as it was (values, module types, flags).
 """

@@ -1,4 +1,4 @@
-"""lora_edu.dora: DoRALinear against the DoRA equation, rebuilt here independently.
+"""lora_edu.methods.dora: DoRALinear against the DoRA equation, rebuilt here independently.
 
     V  = W0 + s * B @ A                       [out, in]
     W' = magnitude[:, None] * V / ||V||_row    (norm over dim 1, one per output row)

@@ -1,4 +1,4 @@
-"""lora_edu.inject: target matching, freezing, parameter counts, merging a whole model."""
+"""lora_edu.methods.inject: target matching, freezing, parameter counts, merging a whole model."""
 
 import pytest
 import torch

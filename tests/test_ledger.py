@@ -1,9 +1,10 @@
 import pytest
 
-from lora_edu.ledger import (PRESETS, ModelSpec, activation_bytes, count_params, estimate_memory,
-                             get_preset, linear_shapes, lora_params_for, spec_from_tiny_config)
-from lora_edu.quantized import bits_per_param
-from lora_edu.tiny_transformer import TinyConfig, TinyLlama
+from lora_edu.memory.ledger import activation_bytes, estimate_memory
+from lora_edu.memory.spec import (PRESETS, ModelSpec, count_params, get_preset, linear_shapes, lora_params_for,
+                                  spec_from_tiny_config)
+from lora_edu.quant.sizes import bits_per_param
+from lora_edu.tiny.model import TinyConfig, TinyLlama
 
 GB = 1e9
 A100_80GB = 80 * GB
@@ -37,7 +38,8 @@ def test_lora_qkvo_r8_on_7b_is_0_12_percent():
     assert round(100 * p_lora / 7e9, 2) == 0.12  # the tutorial's figure, against a round 7B
     assert round(100 * p_lora / count_params(LLAMA_7B), 3) == 0.124  # against the exact count
     from lora_edu import lora_param_count
-    assert lora_param_count(LLAMA_7B, ("q", "k", "v", "o"), 8) == p_lora  # the same count, spec-first
+    with pytest.raises(TypeError, match="lora_params_for"):  # a spec needs a target set: the other function
+        lora_param_count(LLAMA_7B, 8)
     assert lora_param_count([(4096, 4096)] * 128, 8) == p_lora  # or from the shapes
 
 

@@ -1,4 +1,4 @@
-"""lora_edu.lora: the scaling factor, the hyper-parameter checks and LoRALinear.
+"""lora_edu.methods.lora: the scaling factor, the hyper-parameter checks and LoRALinear.
 
 Every expected value is rebuilt here from the LoRA equation h = W0 x + s * B (A x),
 s = alpha / r (rsLoRA: alpha / sqrt(r)), never read back from the code under test.

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from lora_edu import LLAMA_TARGETS, Adam, TinyConfig, TinyLlama, inject_lora
-from lora_edu.activations import recompute_bytes, saved_activation_terms
-from lora_edu.checkpointing import checkpoint
-from lora_edu.ledger import estimate_memory, spec_from_tiny_config
-from lora_edu.memory import measure_step, saved_activations
-from lora_edu.qlora import prepare_qlora
-from lora_edu.tiny_transformer import lm_loss
+from lora_edu.memory.activations import recompute_bytes, saved_activation_terms
+from lora_edu.train.checkpointing import checkpoint
+from lora_edu.memory.ledger import estimate_memory
+from lora_edu.memory.spec import spec_from_tiny_config
+from lora_edu.memory.measure import measure_step, saved_activations
+from lora_edu.quant.qlora import prepare_qlora
+from lora_edu.tiny.model import lm_loss
 
 CFG = TinyConfig()
 WIDE = TinyConfig(d_model=128, d_ff=344)  # head size 32, every linear a whole number of NF4 blocks

@@ -9,10 +9,11 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from lora_edu.blockwise import check_block_size, quantize_blockwise
-from lora_edu.double_quant import DoubleQuantizedAbsmax, double_quantize, dynamic_map
-from lora_edu.nf4 import NF4_OFFSET, fp4_levels, int4_levels, nf4_levels
-from lora_edu.quantized import QuantizedTensor, bits_per_param, quantize_4bit, quantize_nf4
+from lora_edu.quant.blockwise import quantize_blockwise
+from lora_edu.quant.double_quant import DoubleQuantizedAbsmax, double_quantize, dynamic_map
+from lora_edu.quant.levels import NF4_OFFSET, fp4_levels, int4_levels, nf4_levels
+from lora_edu.quant.quantized import QuantizedTensor, quantize_4bit, quantize_nf4
+from lora_edu.quant.sizes import bits_per_param, check_block_size
 
 TABLES = {"nf4": nf4_levels, "int4": int4_levels, "fp4": fp4_levels}
 
@@ -323,7 +324,7 @@ def test_bad_levels_and_rounding():
 # ------------------------------------------------------------------ the fast dequantization path
 def _definition(q):
     """dequantize by the definition: unpack every code, look it up, scale its block."""
-    from lora_edu.blockwise import dequantize_blockwise, unpack_nibbles
+    from lora_edu.quant.blockwise import dequantize_blockwise, unpack_nibbles
     scales = q.absmax.dequantize() if q.double_quant else q.absmax
     codes = unpack_nibbles(q.codes, q.numel())
     return dequantize_blockwise(codes, scales, q.levels, q.block_size).view(q.shape)
@@ -359,7 +360,7 @@ def test_importing_and_eager_dequantize_never_load_the_compiler():
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_fast_dequantize_across_chunks_is_the_definition(monkeypatch, block, out_dtype):
     """The eager path works through CHUNK_BYTES at a time; a ragged last chunk must not lose weights."""
-    import lora_edu.blockwise as blockwise
+    import lora_edu.quant.blockwise as blockwise
     monkeypatch.setattr(blockwise, "CHUNK_BYTES", 1 << 10)  # 2048 weights a chunk, so a small tensor spans many
     torch.manual_seed(0)
     n = 5 * (1 << 20) if block > 1 << 11 else 2048 * 7 + 64 * 3  # 7 whole chunks and part of an eighth

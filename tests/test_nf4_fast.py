@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
-import lora_edu.quantized as quantized
+import lora_edu.quant.quantized as quantized
 from lora_edu import QuantizedTensor, quantize_nf4
-from lora_edu.blockwise import dequantize_blockwise, unpack_nibbles
-from lora_edu.nf4 import fp4_levels
+from lora_edu.quant.blockwise import dequantize_blockwise, unpack_nibbles
+from lora_edu.quant.levels import fp4_levels
 
 
 def _definition(q, dtype):

@@ -13,9 +13,9 @@ import torch
 pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnb  # noqa: E402  (prints a harmless "kernels" warning)
 
-from lora_edu.double_quant import dynamic_map  # noqa: E402
-from lora_edu.nf4 import nf4_levels  # noqa: E402
-from lora_edu.quantized import quantize_nf4  # noqa: E402
+from lora_edu.quant.double_quant import dynamic_map  # noqa: E402
+from lora_edu.quant.levels import nf4_levels  # noqa: E402
+from lora_edu.quant.quantized import quantize_nf4  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lora_edu import Adam, LoRALinear
-from lora_edu.paged import PagedAdam
+from lora_edu.train.paged import PagedAdam
 
 
 def _train(opt_cls, steps=25, **kw):

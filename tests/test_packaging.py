@@ -20,7 +20,7 @@ def test_wheel_holds_stored_results_and_the_cpp_kernel(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("lora_edu-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"lora_edu/data/{p.name}" for p in (ROOT / "lora_edu" / "data").glob("*.json")}
-    expected |= {f"lora_edu/csrc/{p.name}" for p in (ROOT / "lora_edu" / "csrc").glob("*.cpp")}
+    expected |= {f"lora_edu/quant/csrc/{p.name}" for p in (ROOT / "lora_edu" / "quant" / "csrc").glob("*.cpp")}
     assert len(expected) >= 3 and expected <= names, expected - names
 
 

@@ -1,4 +1,4 @@
-"""lora_edu.qlora: NF4Linear (a frozen 4-bit base) and QLoRALinear (LoRA on top of it).
+"""lora_edu.quant.qlora: NF4Linear (a frozen 4-bit base) and QLoRALinear (LoRA on top of it).
 
 Expected values are rebuilt here from the QLoRA forward
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lora_edu.qlora as qlora_module
+import lora_edu.quant.qlora as qlora_module
 from _models import make_model, randomise_adapters_, token_ids
 from lora_edu import (Adam, NF4Linear, PagedAdam, QLoRALinear, adapter_modules, bits_per_param,
                       count_trainable_params, inject_lora, load_adapter, merge_lora, nf4_levels, quantize_nf4,

@@ -1,4 +1,4 @@
-"""lora_edu.sanity and its script code/lora.py: the appendix report passes, and says so.
+"""lora_edu.teaching.sanity and its script code/lora.py: the appendix report passes, and says so.
 
 The script runs as a subprocess from the repository root, as a reader would run it. A
 deliberately broken lora_edu (patched inside that subprocess only) must make it fail
@@ -82,10 +82,10 @@ def test_script_ends_with_a_summary_line(script_run):
 
 BREAKAGES = {
     # a wrong scaling formula, seen by check [e] only
-    "scaling": ("import lora_edu.sanity as s; s.lora_scaling = lambda alpha, r, rslora=False: alpha / (r + 1)",
+    "scaling": ("import lora_edu.teaching.sanity as s; s.lora_scaling = lambda alpha, r, rslora=False: alpha / (r + 1)",
                 {"e"}),
     # B initialised non-zero: the layer no longer starts as the base ([a]) and DoRA not as the identity ([f])
-    "b_init": ("import torch, lora_edu.lora as L; reset = L.LoRALinear.reset_lora_parameters_\n"
+    "b_init": ("import torch, lora_edu.methods.lora as L; reset = L.LoRALinear.reset_lora_parameters_\n"
                "def bad(self):\n    reset(self)\n    torch.nn.init.constant_(self.lora_B, 0.01)\n"
                "L.LoRALinear.reset_lora_parameters_ = bad",
                {"a", "f"}),

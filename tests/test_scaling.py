@@ -1,4 +1,4 @@
-"""lora_edu.scaling: the sqrt(r) growth of B A x, the two scalings, the step-1 gradient norm, and
+"""lora_edu.experiments.scaling: the sqrt(r) growth of B A x, the two scalings, the step-1 gradient norm, and
 that the committed sweep data is what code/scaling_sweeps.py produces."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lora_edu import TinyConfig, TinyLlama, inject_lora, lora_scaling
-from lora_edu.scaling import adapter_grad_norm, finetune, loglog_slope, update_std
-from lora_edu.tasks import FINETUNE, make_batches
+from lora_edu.experiments.scaling import adapter_grad_norm, finetune, loglog_slope, update_std
+from lora_edu.tiny.tasks import FINETUNE, make_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "lora_edu" / "data" / "scaling_sweeps.json"

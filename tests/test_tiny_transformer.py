@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lora_edu import count_trainable_params, inject_lora, lora_param_count
-from lora_edu.tasks import FINETUNE, PRETRAIN, Task, entropy_floor, make_batches
-from lora_edu.tiny_transformer import (LLAMA_TARGETS, TinyConfig, TinyLlama, evaluate,
+from lora_edu.tiny.tasks import FINETUNE, PRETRAIN, Task, entropy_floor, make_batches
+from lora_edu.tiny.model import (LLAMA_TARGETS, TinyConfig, TinyLlama, evaluate,
                                        pretrained_model, train)
 
 

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .dora import DoRALinear
-from .inject import count_trainable_params
-from .lora import LoRALinear, lora_scaling
+from ..methods.dora import DoRALinear
+from ..methods.hparams import lora_scaling
+from ..methods.inject import count_trainable_params
+from ..methods.lora import LoRALinear
 
 
 @dataclass

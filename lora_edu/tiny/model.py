@@ -15,7 +15,7 @@ arXiv 2104.09864; they rotate q and k by a position-dependent angle and have no 
 so every trainable weight of this model is an embedding, a norm or an nn.Linear without bias.
 Production code (KV cache, grouped-query attention, fused kernels) is in HF transformers.
 
-The recipe later chapters use: `pretrained_model()` trains a base on lora_edu.tasks.PRETRAIN
+The recipe later chapters use: `pretrained_model()` trains a base on lora_edu.tiny.tasks.PRETRAIN
 for a few seconds; inject_lora + `train` then fine-tunes it on the shifted FINETUNE task.
 """
 
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpointing import checkpoint
-from .optim import Adam
+from ..train.adam import Adam
+from ..train.checkpointing import checkpoint
 from .tasks import PRETRAIN, Task, make_batches
 
 #: every nn.Linear inside the decoder layers ("all-linear" in HF PEFT, which skips lm_head too)

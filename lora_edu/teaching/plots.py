@@ -9,7 +9,7 @@ copying them:
   the HTML of matplotlib's `FuncAnimation.to_jshtml` player, which works on a static page.
 
 `import lora_edu` does not import this module, and so never imports matplotlib; notebooks do
-`from lora_edu.plots import ...`.
+`from lora_edu.teaching.plots import ...`.
 """
 
 import matplotlib.pyplot as plt

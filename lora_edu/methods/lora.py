@@ -16,28 +16,11 @@ inference costs exactly one matmul again.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import nn
 
-
-def check_lora_hparams(r, alpha, dropout=0.0) -> None:
-    """Raise a clear error for a rank, alpha or dropout that cannot work."""
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
-        raise TypeError(f"r must be a positive int (the rank of B @ A), got {r!r} of type {type(r).__name__}")
-    if r <= 0:
-        raise ValueError(f"r must be a positive int (the rank of B @ A), got r={r}; typical values are 4 to 64")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
-        raise ValueError(f"alpha must be a positive, finite number (the update is scaled by alpha/r), got alpha={alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got dropout={dropout!r}; use 0.0 to turn it off")
-
-
-def lora_scaling(alpha, r, rslora=False) -> float:
-    """The factor s in h = W0 x + s * B A x: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    check_lora_hparams(r, alpha)
-    return alpha / math.sqrt(r) if rslora else alpha / r
+from .hparams import check_lora_hparams, lora_scaling
 
 
 class LoRALinear(nn.Module):
@@ -117,7 +100,7 @@ class LoRALinear(nn.Module):
             self.merged = False
 
     def adapter_config(self) -> dict:
-        """The hyper-parameters an adapter file records (see lora_edu.adapters)."""
+        """The hyper-parameters an adapter file records (see lora_edu.methods.adapters)."""
         return {"method": self.method, "r": self.r, "alpha": float(self.alpha), "rslora": self.rslora,
                 "dropout": self.dropout_p}
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .blockwise import (MIN_ABSMAX, check_block_size, check_finite, check_weight, dequantize_blockwise,
+from .blockwise import (MIN_ABSMAX, check_finite, check_weight, dequantize_blockwise,
                         quantize_blockwise, to_blocks)
+from .sizes import check_block_size
 
 #: bitsandbytes' CPU kernel snaps w / c onto this many evenly spaced points of [-1, 1]
 LUT_SIZE = 65536

@@ -1,6 +1,6 @@
 """Measured memory: the bytes a training step really holds, counted tensor by tensor.
 
-The ledger (lora_edu.ledger) predicts; this module measures, on any device, with nothing but
+The ledger (lora_edu.memory.ledger) predicts; this module measures, on any device, with nothing but
 the tensors themselves:
 
 * weights, gradients, master copies and optimizer states: the bytes of each tensor, split
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .inject import adapter_modules
-from .optim import Adam
-from .qlora import NF4Linear
+from ..methods.inject import adapter_modules
+from ..quant.qlora import NF4Linear
+from ..train.adam import Adam
 
 
 @dataclass
@@ -107,7 +107,7 @@ def measure_step(model: nn.Module, batch: torch.Tensor, optimizer: Adam, loss_fn
     if not isinstance(optimizer, Adam):
         raise TypeError(f"measure_step reads the states of a lora_edu.Adam, got {type(optimizer).__name__}")
     if loss_fn is None:
-        from .tiny_transformer import lm_loss as loss_fn
+        from ..tiny.model import lm_loss as loss_fn
     model.train()
     optimizer.zero_grad()
     loss, saved = saved_activations(model, loss_fn, model, batch)

@@ -20,7 +20,7 @@ to the byte). The rules, for the ops this decoder uses:
   so on a 16-bit model it casts x first and keeps that float32 copy, one per adapted layer.
 * The loss keeps the log-probabilities [tokens, vocab] and the targets (int64); the
   embedding keeps the token ids (int64) if it is trained.
-* Gradient checkpointing (lora_edu.checkpointing) keeps each layer's input and nothing inside;
+* Gradient checkpointing (lora_edu.train.checkpointing) keeps each layer's input and nothing inside;
   during the backward one layer at a time is rebuilt, which recompute_bytes counts.
 
 Names follow nn.Linear orientation and the ledger's short target names (q, k, v, o, gate,
@@ -29,6 +29,8 @@ adapter_bytes per LoRA element.
 """
 
 from __future__ import annotations
+
+from .spec import linear_shapes
 
 TERMS = ("token ids", "norms", "linear inputs", "LoRA inputs (float32 copies)", "LoRA A x",
          "attention", "SwiGLU", "layer inputs (checkpoints)", "loss")
@@ -106,7 +108,6 @@ def _targets(spec, method: str, targets) -> set[str]:
         raise ValueError(f"unknown method {method!r}; known: full, lora, qlora")
     if method == "full":
         return set()
-    from .ledger import linear_shapes  # (imported here: the ledger imports this module)
     linear_shapes(spec, targets)  # raises for a name the spec does not have
     names = {targets} if isinstance(targets, str) else set(targets)
     if "all-linear" in names:

@@ -19,10 +19,10 @@ import math
 
 import torch
 
-from .inject import count_trainable_params, inject_lora
-from .lora import check_lora_hparams, lora_scaling
-from .tasks import FINETUNE, Task, make_batches
-from .tiny_transformer import evaluate, lm_loss, pretrained_model, train
+from ..methods.hparams import check_lora_hparams, lora_scaling
+from ..methods.inject import count_trainable_params, inject_lora
+from ..tiny.model import evaluate, lm_loss, pretrained_model, train
+from ..tiny.tasks import FINETUNE, Task, make_batches
 
 #: the target set the rank sweeps use: the attention projections of Hu et al.'s main experiments
 QV_TARGETS = ("q_proj", "v_proj")

@@ -11,12 +11,11 @@ Parameter count of LoRA on M layers, layer i of shape [d_i, k_i] (Hu et al. 2021
 
 from __future__ import annotations
 
-from typing import Iterable
-
 from torch import nn
 
 from .dora import DoRALinear
-from .lora import LoRALinear, check_lora_hparams
+from .hparams import check_lora_hparams
+from .lora import LoRALinear
 
 
 def _matches(name: str, target: str) -> bool:
@@ -122,26 +121,3 @@ def mark_only_lora_trainable(model: nn.Module) -> nn.Module:
 def count_trainable_params(model: nn.Module) -> int:
     """Number of scalars the optimizer will update."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def lora_param_count(shapes, *args, **kwargs) -> int:
-    """sum over layers of r * (d + k) for weights of shape (d, k): the size of all A and B.
-
-    lora_param_count(shapes, r) for a list of (d, k), or lora_param_count(spec, targets, r)
-    for a lora_edu.ledger.ModelSpec (its lora_params_for).
-    """
-    from .ledger import ModelSpec, lora_params_for  # (the ledger imports this module)
-    if isinstance(shapes, ModelSpec):
-        return lora_params_for(shapes, *args, **kwargs)
-    return _shapes_param_count(shapes, *args, **kwargs)
-
-
-def _shapes_param_count(shapes: Iterable[tuple[int, int]], r: int) -> int:
-    check_lora_hparams(r, alpha=1.0)
-    total = 0
-    for shape in shapes:
-        d, k = shape
-        if d <= 0 or k <= 0:
-            raise ValueError(f"layer shapes must be positive (d, k) pairs, got {shape!r}")
-        total += r * (d + k)
-    return total

@@ -23,12 +23,13 @@ dequantize_blockwise(unpack_nibbles(...)).
 from __future__ import annotations
 
 import functools
-import numbers
 import platform
 import sys
 
 import torch
 import torch.nn.functional as F
+
+from .sizes import check_block_size
 
 #: input dtypes accepted; the arithmetic always runs in float32, as in bitsandbytes
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -36,17 +37,6 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: bitsandbytes clamps the scale from below before taking 1 / c_b, so an all-zero block
 #: scales by 1e38 instead of dividing by zero; its codes all mean 0
 MIN_ABSMAX = 1e-38
-
-
-def check_block_size(block_size, name: str = "block_size") -> int:
-    """Return block_size as an int, or raise if it is not a positive power of two."""
-    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int that is a power of two (e.g. 64), "
-                        f"got {block_size!r} of type {type(block_size).__name__}")
-    if block_size <= 0 or block_size & (block_size - 1):
-        raise ValueError(f"{name} must be a positive power of two (32, 64, 128, ...), got {block_size}; "
-                         f"QLoRA uses 64 for the weights and 256 for double quantization")
-    return int(block_size)
 
 
 def check_weight(w, name: str = "w") -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .optim import Adam
+from .adam import Adam
 
 
 class PagedAdam(Adam):

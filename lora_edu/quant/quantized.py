@@ -24,36 +24,11 @@ from typing import Union
 
 import torch
 
-from .blockwise import (FLOAT_DTYPES, _byte_table, check_block_size, check_levels, dequantize_packed,
+from .blockwise import (FLOAT_DTYPES, _byte_table, check_levels, dequantize_packed,
                         pack_nibbles, quantize_blockwise, round_to_levels)
 from .double_quant import DoubleQuantizedAbsmax, double_quantize
-from .nf4 import fp4_levels, int4_levels, nf4_levels
-
-
-def scale_bytes(numel: int, block_size: int = 64, double_quant: bool = False, dq_block_size: int = 256) -> int:
-    """Exact bytes of the scales of one quantized tensor of numel weights (what .nbytes adds to the codes).
-
-    One float32 absmax per block; with double quantization, one uint8 code per block plus
-    one float32 absmax per dq_block_size blocks and the float32 offset.
-    """
-    n_blocks = -(-numel // block_size)  # the last block may be partial
-    if not double_quant:
-        return 4 * n_blocks
-    return n_blocks + 4 * -(-n_blocks // dq_block_size) + 4
-
-
-def bits_per_param(block_size: int = 64, double_quant: bool = False, dq_block_size: int = 256,
-                   code_bits: int = 4, absmax_bits: int = 32, dq_code_bits: int = 8) -> float:
-    """Storage bits per weight: 4 + 32/B, or 4 + 8/B + 32/(B * B2) with double quantization.
-
-    The one float32 offset per tensor that double quantization adds is left out: it is
-    32 bits for millions of weights.
-    """
-    block_size = check_block_size(block_size)
-    if not double_quant:
-        return code_bits + absmax_bits / block_size
-    dq_block_size = check_block_size(dq_block_size, "dq_block_size")
-    return code_bits + dq_code_bits / block_size + absmax_bits / (block_size * dq_block_size)
+from .levels import fp4_levels, int4_levels, nf4_levels
+from .sizes import check_block_size
 
 
 def _table_name(levels: torch.Tensor) -> str:

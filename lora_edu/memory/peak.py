@@ -1,6 +1,6 @@
 """The peak of a training step on a GPU, predicted phase by phase from the ledger.
 
-The ledger (lora_edu.ledger) adds up everything a step ever holds. A GPU's peak
+The ledger (lora_edu.memory.ledger) adds up everything a step ever holds. A GPU's peak
 (torch.cuda.max_memory_allocated) is smaller than that sum, because gradients and
 activations never all live at once: the backward frees each layer's activations as it
 produces that layer's gradients. It is also larger in places, because PyTorch makes
@@ -28,7 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .ledger import ACTIVATION_BYTES, POLICIES, estimate_memory, linear_shapes
+from .ledger import ACTIVATION_BYTES, POLICIES, estimate_memory
+from .spec import linear_shapes
 
 
 CUBLAS_WORKSPACES = 2 * 32 * 2**20  # two threads' cuBLAS workspaces, as measured on an H200

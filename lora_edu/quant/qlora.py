@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inject import _matches, adapter_modules, resolve_targets
-from .lora import LoRALinear, check_lora_hparams
+from ..methods.hparams import check_lora_hparams
+from ..methods.inject import _matches, adapter_modules, resolve_targets
+from ..methods.lora import LoRALinear
 from .double_quant import DoubleQuantizedAbsmax
 from .quantized import QuantizedTensor, quantize_nf4
 

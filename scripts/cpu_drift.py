@@ -11,9 +11,9 @@ namespace (also inside dicts, lists and tuples). It prints, per notebook, each f
 largest relative spread over the settings exceeds --min-rel, largest first.
 
 Use it when writing a chapter: the spread of a figure is the tolerance its assertion needs,
-and printing it with lora_edu.teaching.printing.steady(value, spec, rel=spread) refuses a
-format whose last digit that spread could flip. Nothing in the test suite calls this script;
-the suite instead re-runs strict nbval under the first two settings (scripts/test.sh).
+and printing it with lora_edu.steady(value, spec, rel=spread) refuses a format whose last
+digit that spread could flip. Nothing in the test suite calls this script;
+the suite instead re-runs strict nbval under the last setting (scripts/test.sh).
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ SETTINGS = {  # name: environment overrides; each one moves training-loop figure
     "MKL_CBWR=COMPATIBLE": {"MKL_CBWR": "COMPATIBLE"},
     "1 thread": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
     "ATEN_CPU_CAPABILITY=avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
+    # scripts/test.sh's second pass: all of them at once
+    "second pass": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1",
+                    "MKL_NUM_THREADS": "1"},
 }
 DUMP = r'''
 import json as _json, math as _math

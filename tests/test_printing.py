@@ -28,3 +28,26 @@ def test_a_format_that_another_cpu_could_flip_is_refused(value, spec, rel):
 def test_bad_input(value, rel, match):
     with pytest.raises(ValueError, match=match):
         steady(value, ".2f", rel)
+
+
+def test_writing_outputs_asks_for_three_spreads(monkeypatch):
+    # 1.1048 is 1.8e-4 (relative) below 1.105, where ".2f" turns from "1.10" to "1.11"
+    monkeypatch.delenv("LORA_EDU_WRITING_OUTPUTS", raising=False)
+    assert steady(1.1048, ".2f", rel=1e-4) == "1.10"  # one spread, 1e-4, stays below 1.105
+    monkeypatch.setenv("LORA_EDU_WRITING_OUTPUTS", "1")
+    with pytest.raises(ValueError, match="times 3 while writing outputs"):
+        steady(1.1048, ".2f", rel=1e-4)  # three spreads, 3e-4, reach it
+    monkeypatch.setenv("LORA_EDU_WRITING_OUTPUTS", "0")
+    assert steady(1.1048, ".2f", rel=1e-4) == "1.10"
+
+
+def test_a_figure_stored_three_spreads_from_a_boundary_passes_after_moving_one_spread(monkeypatch):
+    rel = 0.01
+    monkeypatch.setenv("LORA_EDU_WRITING_OUTPUTS", "1")
+    with pytest.raises(ValueError):
+        steady(1.03, ".1f", rel)  # 1.03 * 1.03 = 1.061 reads "1.1": too close to store
+    stored = 1.01
+    assert steady(stored, ".1f", rel) == "1.0"  # 0.98 .. 1.04 all read "1.0"
+    monkeypatch.delenv("LORA_EDU_WRITING_OUTPUTS")
+    for moved in (stored * (1 - rel), stored * (1 + rel)):  # on a reader's CPU, one spread away
+        assert steady(moved, ".1f", rel) == "1.0"

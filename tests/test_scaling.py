@@ -95,19 +95,37 @@ def test_adapter_grad_norm_needs_trainable_parameters():
         adapter_grad_norm(model, make_batches(FINETUNE, 1, seed=0)[0])
 
 
-def same_up_to_rounding(a, b) -> bool:
-    """Equal, except that floats may differ by one unit in the 5th significant digit the file keeps.
+# How far a re-run may move from the committed file, by the kind of figure. The file was written
+# on an AMD EPYC with AVX-512; re-runs elsewhere moved (largest relative difference over every
+# value of the --quick subset): an Intel Xeon 0.11%, ATEN_CPU_CAPABILITY=default 1.6%,
+# MKL_CBWR=COMPATIBLE 0.47%, both together 2.5% for the step-1 gradient norms (which inherit the
+# pretraining's drift), 1.2% for the loss curves and 0.9% for the final losses. The tolerances
+# are twice those. scripts/test.sh runs this test again under both settings.
+TOLERANCE = {"grad_norm": 0.05, "curve": 0.025, "final": 0.02}
 
-    On the machine that wrote the file they are identical; another CPU may round a last bit the
-    other way, which can flip the stored 5th digit.
-    """
+
+def close(a, b, rel: float) -> bool:
+    """a and b equal, except that floats (also inside lists) may differ by rel of their size."""
     if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-4)
+        return math.isclose(a, b, rel_tol=rel)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same_up_to_rounding(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same_up_to_rounding(a[k], b[k]) for k in a)
-    return a == b
+        return len(a) == len(b) and all(close(x, y, rel) for x, y in zip(a, b))
+    return a == b and type(a) is type(b)
+
+
+def same_run(stored: dict, fresh: dict) -> bool:
+    """Settings and counts equal exactly; measured figures within their TOLERANCE."""
+    return stored.keys() == fresh.keys() and all(close(stored[k], fresh[k], TOLERANCE.get(k, 0.0)) for k in stored)
+
+
+def test_close_and_same_run_can_fail():
+    assert close([1.0, 2.0], [1.01, 2.0], 0.02) and not close([1.0, 2.0], [1.03, 2.0], 0.02)
+    assert not close(4, 4.0, 0.1)  # an int that became a float is a change in the script
+    run = {"r": 4, "lr": 0.001, "final": 1.0, "grad_norm": 0.5, "curve": [2.0, 1.5]}
+    assert same_run(run, {**run, "final": 1.01, "grad_norm": 0.52})
+    assert not same_run(run, {**run, "lr": 0.002})  # settings must match exactly
+    assert not same_run(run, {**run, "final": 1.05})  # 5% on a final loss is not another CPU
+    assert not same_run(run, {**run, "curve": [2.0, 1.5, 1.2]})
 
 
 def test_committed_sweeps_equal_a_quick_rerun(tmp_path):
@@ -117,10 +135,12 @@ def test_committed_sweeps_equal_a_quick_rerun(tmp_path):
                     "--out", str(out)], check=True, capture_output=True, cwd=ROOT)
     quick, stored = json.loads(out.read_text()), json.loads(DATA.read_text())
     assert stored["meta"]["quick"] is False
-    assert same_up_to_rounding(quick["grad_norm"], stored["grad_norm"])
+    assert quick["grad_norm"].keys() == stored["grad_norm"].keys()
+    for scheme, norms in quick["grad_norm"].items():
+        assert close(stored["grad_norm"][scheme], norms, TOLERANCE["grad_norm"]), f"step-1 gradient norms, {scheme}"
     assert quick["runs"], "the quick run produced no fine-tuning runs"
     for key, result in quick["runs"].items():
-        assert same_up_to_rounding(stored["runs"][key], result), f"stored run {key!r} differs from a fresh run"
+        assert same_run(stored["runs"][key], result), f"stored run {key!r} differs from a fresh run"
     # the full file holds every sweep the chapter reads
     groups = {run["group"] for run in stored["runs"].values()}
     assert groups == {"scaling", "targets", "rank", "lr"}

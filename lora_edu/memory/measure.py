@@ -101,7 +101,7 @@ def measure_step(model: nn.Module, batch: torch.Tensor, optimizer: Adam, loss_fn
     """One training step of `model` on `batch`, with every byte it holds counted.
 
     The optimizer is a lora_edu.Adam (or PagedAdam) over the model's trainable parameters;
-    loss_fn(model, batch) defaults to tiny_transformer.lm_loss. Gradients are counted after
+    loss_fn(model, batch) defaults to lora_edu.tiny.model.lm_loss. Gradients are counted after
     the step, before they are cleared.
     """
     if not isinstance(optimizer, Adam):

@@ -9,7 +9,7 @@ block, and each weight keeps one code:
     w_hat_i = c_b * levels[code_i]
 
 One outlier then only coarsens its own block of B weights, not the whole matrix. The
-code table is a parameter (NF4, INT4 or FP4 from nf4.py, or the 8-bit dynamic code of
+code table is a parameter (NF4, INT4 or FP4 from levels.py, or the 8-bit dynamic code of
 double_quant.py). The arithmetic follows bitsandbytes' quantize_4bit step by step
 (multiply by 1 / c_b, clamp to [-1, 1], search the midpoints of the sorted levels), so
 the codes match it byte for byte. Everything is vectorised over blocks; no Python loop

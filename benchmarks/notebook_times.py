@@ -4,14 +4,15 @@
 
 Every notebook in notebooks/ and book/ is executed with nbclient, each in a fresh kernel
 with its own folder as the working directory, `--repeats` times; the table shows the
-median wall time (kernel start included) and its ratio to a "floor" notebook that only
-imports torch, matplotlib.pyplot and ipywidgets. The floor notebook is generated in a
-temporary folder for this run and never written into the repository.
+median wall time (kernel start and shutdown included) and its ratio to a "floor" notebook
+that only imports torch, matplotlib.pyplot and ipywidgets. The floor notebook is generated
+in a temporary folder for this run and never written into the repository.
 
 A chapter notebook (notebooks/*.ipynb) whose ratio exceeds --max-ratio makes the script
 exit with status 1. --cells N also lists each notebook's N slowest cells (median seconds
-over the repeats), which is where to look first when a chapter is over budget. This is a benchmark, not a test: timings depend on the machine and on
-whatever else it is running, so no test calls it.
+over the repeats), which is where to look first when a chapter is over budget. This is a
+benchmark, not a test: timings depend on the machine and on whatever else it is running,
+so no test calls it.
 """
 
 from __future__ import annotations
@@ -25,22 +26,34 @@ import time
 from pathlib import Path
 
 import nbformat
+from jupyter_client.channels import HBChannel
 from nbclient import NotebookClient
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# nbclient stops the kernel's heartbeat thread at shutdown, and that thread beats once per
+# HBChannel.time_to_dead (1 s): every total was rounded up to a whole second after the
+# kernel's start, which moved a ratio by up to 1 s / floor (about 0.2 here). A tenth of a
+# second keeps the rounding below the run-to-run noise.
+HBChannel.time_to_dead = 0.1
 FLOOR_SOURCE = "import torch\nimport matplotlib.pyplot as plt\nimport ipywidgets as widgets"
 
 
 def time_notebook(path: Path, timeout: int) -> tuple[float, dict[int, float]]:
-    """Seconds to execute `path` once, in a fresh kernel, with its folder as cwd, and per code cell."""
+    """Seconds to execute `path` once, in a fresh kernel with its folder as cwd, and per code cell."""
     nb = nbformat.read(path, as_version=4)
-    cells, started = {}, {}
+    cells, marks = {}, {}
+
+    def started(cell, cell_index):
+        marks["cell"] = time.perf_counter()
+
+    def executed(cell, cell_index, execute_reply):
+        cells[cell_index] = time.perf_counter() - marks["cell"]
+
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}},
-                            on_cell_start=lambda cell, cell_index: started.update(t=time.perf_counter()),
-                            on_cell_executed=lambda cell, cell_index, execute_reply: cells.update(
-                                {cell_index: time.perf_counter() - started["t"]}))
+                            on_cell_start=started, on_cell_executed=executed)
     start = time.perf_counter()
     # starts a kernel, runs every cell, shuts the kernel down; the kernel's own log lines (not
     # cell output, which travels over ZMQ) would only interleave with the progress bar

@@ -149,14 +149,15 @@ def _fresh(code: str) -> subprocess.CompletedProcess:
                           cwd=PACKAGE.parent)
 
 
-def test_import_lora_edu_loads_no_torch():
+def test_import_lora_edu_loads_no_torch_and_lists_its_names_before_their_first_use():
     out = _fresh("""
         import sys
         import lora_edu
-        print("torch" in sys.modules)
+        listed = set(lora_edu.__all__) | set(lora_edu.SUBPACKAGES) <= set(dir(lora_edu))
+        print("torch" in sys.modules, listed, set(lora_edu.memory.__all__) <= set(dir(lora_edu.memory)))
     """)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert out.stdout.split() == ["False", "True", "True"]
 
 
 def test_the_memory_ledger_runs_without_torch_or_numpy():

@@ -84,7 +84,7 @@ BREAKAGES = {
     # a wrong scaling formula, seen by check [e] only
     "scaling": ("import lora_edu.teaching.sanity as s; s.lora_scaling = lambda alpha, r, rslora=False: alpha / (r + 1)",
                 {"e"}),
-    # B initialised non-zero: the layer no longer starts as the base ([a]) and DoRA not as the identity ([f])
+    # B initialised non-zero: the layer no longer starts as the base ([a]) and neither does DoRA ([f])
     "b_init": ("import torch, lora_edu.methods.lora as L; reset = L.LoRALinear.reset_lora_parameters_\n"
                "def bad(self):\n    reset(self)\n    torch.nn.init.constant_(self.lora_B, 0.01)\n"
                "L.LoRALinear.reset_lora_parameters_ = bad",

@@ -8,7 +8,7 @@ measures one invariant and says whether it holds:
   [c] merge gives the unmerged output; the merged weight is W0 + dW; unmerge restores W0
   [d] trainable parameters = r * (in + out); the base is frozen
   [e] scaling alpha/r and alpha/sqrt(r)
-  [f] DoRA's magnitude is trainable, its base frozen, and it starts as the identity
+  [f] DoRA's magnitude is trainable, its base frozen, and the layer starts equal to its base
 """
 
 from __future__ import annotations
@@ -89,5 +89,5 @@ def run_sanity_checks(in_features=32, out_features=48, r=8, alpha=16, seed=0, to
     frozen = not any(p.requires_grad for p in dora.base.parameters())
     checks.append(Check("f", trainable and frozen and gap < tol,
                         f"DoRA: magnitude trainable: {trainable}; base frozen: {frozen}; "
-                        f"identity start max|out_dora - out_base| = {gap:.2e}"))
+                        f"starts as the base: max|out_dora - out_base| = {gap:.2e}"))
     return checks

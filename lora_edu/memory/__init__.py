@@ -8,11 +8,14 @@ runs them in a browser); only measure.py needs torch.
 
 from .._lazy import attach
 
-__getattr__, __dir__, __all__ = attach(__name__, {
+#: public name -> the module (in this package) that defines it; lora_edu re-exports them
+NAMES = {
     "ModelSpec": "spec", "PRESETS": "spec", "get_preset": "spec", "spec_from_tiny_config": "spec",
     "count_params": "spec", "linear_shapes": "spec", "lora_params_for": "spec",
     "Ledger": "ledger", "estimate_memory": "ledger", "activation_bytes": "ledger", "POLICIES": "ledger",
     "saved_activation_terms": "activations", "recompute_bytes": "activations",
     "Peak": "peak", "estimate_peak": "peak",
     "measure_step": "measure", "saved_activations": "measure", "MeasuredStep": "measure",
-})
+}
+
+__getattr__, __dir__, __all__ = attach(__name__, NAMES)

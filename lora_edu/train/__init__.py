@@ -7,6 +7,9 @@ measurements use the tiny model: the subpackages import one way only.
 
 from .._lazy import attach
 
-__getattr__, __dir__, __all__ = attach(__name__, {
+#: public name -> the module (in this package) that defines it; lora_edu re-exports them
+NAMES = {
     "Adam": "adam", "PagedAdam": "paged", "checkpoint": "checkpointing",
-})
+}
+
+__getattr__, __dir__, __all__ = attach(__name__, NAMES)

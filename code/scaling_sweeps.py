@@ -1,21 +1,29 @@
 """Run the fine-tuning sweeps of the scaling-and-rank chapter and write them to a JSON file.
 
-    python code/scaling_sweeps.py                       # all sweeps, about 3.5 minutes on one CPU core
-    python code/scaling_sweeps.py --quick --out x.json  # the subset tests/test_scaling.py re-runs
+    python code/scaling_sweeps.py --jobs 16              # everything: 174 runs, about 40 core-minutes
+    python code/scaling_sweeps.py --quick --out x.json   # the subset tests/test_scaling.py re-runs
 
 Every run fine-tunes the same pretrained tiny transformer (lora_edu.pretrained_model) on the
-FINETUNE task with fixed seeds and one thread, so a run gives the same numbers whenever it is
-repeated on the same machine; the stored values are rounded to 5 significant digits. --quick
-runs a subset of the same runs with the same settings: on the machine that wrote the file its
-entries equal the stored ones, and on another CPU they differ by up to a few per cent (the
-pretraining and fine-tuning go through other kernels), within tests/test_scaling.py's TOLERANCE.
+FINETUNE task, three times with different seeds (seed s draws the batches, s - 1 the adapters'
+initialisation), on one thread per process, so a run gives the same numbers whenever it is
+repeated on the same machine, whatever --jobs is; the stored values are rounded to 5
+significant digits. --quick runs a subset of the same runs with the same settings: on the
+machine that wrote the file its entries equal the stored ones, and on another CPU they differ
+by up to a few per cent (the pretraining and fine-tuning go through other kernels), within
+tests/test_scaling.py's TOLERANCE.
 
-Sweeps (the chapter reads them by their `group`):
+Sweeps (the chapter reads them by their `group`), each at seeds 1, 2, 3:
   grad_norm    the adapter's gradient norm at step 1, r = 1 .. 1024, alpha / r and alpha / sqrt(r)
-  scaling      r = 4 .. 256 x both scalings, alpha = 16, at two learning rates
+  scaling      r = 4 .. 256 x both scalings, alpha = 16, at four learning rates (1e-3 .. 3e-2)
   targets      q | q,v | q,k,v,o | all linear layers, at (nearly) the same number of trainable parameters
   rank         r = 1 .. 64 on q,v with alpha = 2r (the same scale s = 2 at every rank)
   lr           LoRA (q,v, r = 8) and full fine-tuning, each over the same learning rates
+  qlora        LoRA r = 8 on every linear layer over a float32, a bfloat16 and an NF4 base (QLoRA)
+and, from those runs and the pretrained model:
+  start        the pretrained model's held-out losses on both tasks, before any fine-tuning
+  weights      the pretrained weights' excess kurtosis, and their histogram scaled by each block's absmax
+  subspace     the singular values of full fine-tuning's updates, and how much the top directions
+               of the r = 8 and r = 64 adapters' updates share (section 7 of the LoRA paper)
 """
 
 from __future__ import annotations
@@ -23,51 +31,143 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from lora_edu import LLAMA_TARGETS
-from lora_edu.experiments.scaling import finetune, step1_grad_norm
+from lora_edu import FINETUNE, LLAMA_TARGETS, PRETRAIN, evaluate, pretrained_model
+from lora_edu.experiments.scaling import QV_TARGETS, finetune, step1_grad_norm, weight_deltas
+from lora_edu.experiments.subspace import singular_values, subspace_similarity, top_directions
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "lora_edu" / "data" / "scaling_sweeps.json"
 SIG = 5  # significant digits stored: enough for the chapter, robust to last-bit differences
 
 STEPS = 300
+SEEDS = (1, 2, 3)
 GRAD_RANKS = tuple(2 ** i for i in range(11))  # 1 .. 1024
 SCALING_RANKS = (4, 16, 64, 256)
-SCALING_LRS = (1e-3, 3e-3)
+# alpha / r at r = 256 scales the update 16x less than alpha / sqrt(r): the grid spans a factor 30,
+# so that each scale can be compared at its own best learning rate
+SCALING_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 # equal budget: r * sum over layers of (d + k) is 10240 for q, q,v and q,k,v,o; all-linear at r = 4 has 9760
 TARGET_SETS = {"q": (("q_proj",), 40), "q,v": (("q_proj", "v_proj"), 20),
                "q,k,v,o": (("q_proj", "k_proj", "v_proj", "o_proj"), 10), "all linear": (LLAMA_TARGETS, 4)}
 RANK_SWEEP = (1, 2, 4, 8, 16, 32, 64)
 LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-OTHER_LR = 3e-3  # for the targets and rank sweeps: train()'s default learning rate
+OTHER_LR = 3e-3  # for the targets, rank and qlora sweeps: train()'s default learning rate
+QLORA_BASES = ("fp32", "bf16", "nf4")
+FULL_LR = 1e-3  # the full fine-tunes whose updates the subspace section takes apart
+OVERLAP_RANKS = (8, 64)  # the LoRA paper compares r = 8 with r = 64
+# the top directions compared on the larger side: the tiny model is 64 wide, so all 64 directions of
+# an r = 64 update span the whole space and share everything with anything (phi = 1)
+OVERLAP_COLUMNS = 16
+BLOCK = 64  # NF4's block size, for the histogram of w / absmax in the weights section
 
 
 def jobs() -> list[tuple[str, str, dict]]:
-    """Every fine-tuning run as (key, group, finetune kwargs), in the order they run."""
+    """Every fine-tuning run as (key, group, finetune kwargs), in the order they are stored."""
     out = []
-    for lr in SCALING_LRS:
-        for r in SCALING_RANKS:
-            for rslora in (False, True):
-                out.append((f"scaling lr={lr:g} r={r} rslora={rslora}", "scaling",
-                            dict(r=r, alpha=16, rslora=rslora, lr=lr)))
-    for name, (targets, r) in TARGET_SETS.items():
-        out.append((f"targets {name} r={r}", "targets", dict(r=r, alpha=2 * r, targets=targets, lr=OTHER_LR)))
-    for r in RANK_SWEEP:
-        out.append((f"rank r={r}", "rank", dict(r=r, alpha=2 * r, lr=OTHER_LR)))
-    for lr in LRS:
-        out.append((f"lr lora lr={lr:g}", "lr", dict(r=8, alpha=16, lr=lr)))
-        out.append((f"lr full lr={lr:g}", "lr", dict(r=None, lr=lr)))
+    for seed in SEEDS:
+        for lr in SCALING_LRS:
+            for r in SCALING_RANKS:
+                for rslora in (False, True):
+                    out.append((f"scaling lr={lr:g} r={r} rslora={rslora} seed={seed}", "scaling",
+                                dict(r=r, alpha=16, rslora=rslora, lr=lr, seed=seed)))
+        for name, (targets, r) in TARGET_SETS.items():
+            out.append((f"targets {name} r={r} seed={seed}", "targets",
+                        dict(r=r, alpha=2 * r, targets=targets, lr=OTHER_LR, seed=seed)))
+        for r in RANK_SWEEP:
+            out.append((f"rank r={r} seed={seed}", "rank", dict(r=r, alpha=2 * r, lr=OTHER_LR, seed=seed)))
+        for lr in LRS:
+            out.append((f"lr lora lr={lr:g} seed={seed}", "lr", dict(r=8, alpha=16, lr=lr, seed=seed)))
+            out.append((f"lr full lr={lr:g} seed={seed}", "lr", dict(r=None, lr=lr, seed=seed)))
+        for base in QLORA_BASES:
+            out.append((f"qlora base={base} seed={seed}", "qlora",
+                        dict(r=8, alpha=16, targets=LLAMA_TARGETS, lr=OTHER_LR, base=base, seed=seed)))
     return out
 
 
-#: the runs --quick repeats: the smallest rank of the scaling sweep, both scalings
-QUICK_KEYS = ("scaling lr=0.001 r=4 rslora=False", "scaling lr=0.001 r=4 rslora=True")
+#: the runs --quick repeats: the smallest rank of the scaling sweep under both scalings, and the
+#: full fine-tune whose update the subspace section measures
+QUICK_KEYS = ("scaling lr=0.001 r=4 rslora=False seed=1", "scaling lr=0.001 r=4 rslora=True seed=1",
+              f"lr full lr={FULL_LR:g} seed=1")
+
+
+def keeps_update(kwargs: dict) -> bool:
+    """The runs whose weight updates the subspace section needs."""
+    full = kwargs["r"] is None and kwargs["lr"] == FULL_LR
+    return full or (kwargs["r"] in OVERLAP_RANKS and kwargs.get("alpha") == 2 * kwargs["r"]
+                    and kwargs.get("targets", QV_TARGETS) == QV_TARGETS)
+
+
+def run_one(job):
+    """One fine-tune in a worker process: (key, record, updates or None)."""
+    key, group, kwargs = job
+    torch.set_num_threads(1)  # one thread: faster on these tiny tensors, and the same bits every run
+    record, model = finetune(steps=STEPS, return_model=True, **kwargs)
+    targets = LLAMA_TARGETS if kwargs["r"] is None else kwargs.get("targets", QV_TARGETS)
+    updates = weight_deltas(model, targets) if keeps_update(kwargs) else None
+    return key, {"group": group, **record}, updates
+
+
+def weight_statistics() -> dict:
+    """Excess kurtosis of each pretrained linear weight, and a histogram of w / c, c = absmax of its block."""
+    model = pretrained_model()
+    kurtosis, scaled = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            w = m.weight.detach().double().flatten()
+            z = (w - w.mean()) / w.std(correction=0)
+            kurtosis[name] = (z ** 4).mean().item() - 3
+            blocks = torch.nn.functional.pad(w, (0, -w.numel() % BLOCK)).view(-1, BLOCK)  # [n_blocks, 64]
+            share = blocks / blocks.abs().amax(dim=1, keepdim=True)
+            scaled.append(share.flatten()[: w.numel()])
+    scaled = torch.cat(scaled)
+    counts = torch.histc(scaled, bins=100, min=-1, max=1)
+    pooled = torch.cat([m.weight.detach().double().flatten() for name, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and name != "lm_head"])
+    z = (pooled - pooled.mean()) / pooled.std(correction=0)
+    return {"kurtosis": kurtosis, "kurtosis_pooled": (z ** 4).mean().item() - 3, "block": BLOCK,
+            "scaled_histogram": [int(c) for c in counts.tolist()], "n": scaled.numel()}
+
+
+def subspace_section(updates: dict) -> dict:
+    """Spectra of the full fine-tunes' updates, and overlaps of the r = 8 and r = 64 updates' top directions."""
+    spectra = {f"seed={seed}": {name: singular_values(d).tolist() for name, d in updates[f"lr full lr={FULL_LR:g} seed={seed}"].items()}
+               for seed in SEEDS if f"lr full lr={FULL_LR:g} seed={seed}" in updates}
+    section = {"full_lr": FULL_LR, "full_spectrum": spectra}
+    low, high = OVERLAP_RANKS
+    needed = [f"rank r={low} seed=1", f"rank r={high} seed=2", f"rank r={high} seed=3", f"lr full lr={FULL_LR:g} seed=1"]
+    if not all(k in updates for k in needed):
+        return section
+    r8, r64a, r64b, full = (updates[k] for k in needed)
+    # different seeds on each side: runs with the same init seed draw the same first rows of A
+    pairs = {f"r={low} seed=1 vs r={high} seed=2": (r8, r64a, low, OVERLAP_COLUMNS),
+             f"r={high} seed=2 vs r={high} seed=3": (r64a, r64b, low, OVERLAP_COLUMNS),
+             f"r={low} seed=1 vs full seed=1": (r8, full, low, OVERLAP_COLUMNS)}
+    section["overlap"] = {
+        label: {name: [[round(v, 4) for v in row] for row in
+                       subspace_similarity(top_directions(a[name], i), top_directions(b[name], j)).tolist()]
+                for name in a}
+        for label, (a, b, i, j) in pairs.items()}
+    return section
+
+
+def cpu_name() -> str:
+    """The CPU model, for the record: the stored figures move in their third digit on another one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def rounded(value):
@@ -81,21 +181,36 @@ def rounded(value):
     return value
 
 
-def run(quick: bool = False, progress: bool = True) -> dict:
-    torch.set_num_threads(1)  # one thread: faster on these tiny tensors, and the same bits every run
+def run(quick: bool = False, progress: bool = True, n_jobs: int = 1) -> dict:
+    torch.set_num_threads(1)
     grad_norms = {scheme: [step1_grad_norm(r, alpha=16, rslora=scheme == "rslora") for r in GRAD_RANKS]
                   for scheme in ("lora", "rslora")}
+    base = pretrained_model()
+    start = {"finetune": evaluate(base, FINETUNE), "pretrain": evaluate(base, PRETRAIN)}
     selected = [job for job in jobs() if not quick or job[0] in QUICK_KEYS]
-    runs = {}
-    for key, group, kwargs in tqdm(selected, desc="fine-tuning runs", disable=not progress):
-        runs[key] = {"group": group, **finetune(steps=STEPS, **kwargs)}
+    bar = tqdm(total=len(selected), desc="fine-tuning runs", disable=not progress)
+    results = {}
+    if n_jobs > 1:
+        with ProcessPoolExecutor(n_jobs, mp_context=get_context("spawn")) as pool:
+            for key, record, updates in pool.map(run_one, selected):
+                results[key] = (record, updates)
+                bar.update()
+    else:
+        for job in selected:
+            key, record, updates = run_one(job)
+            results[key] = (record, updates)
+            bar.update()
+    bar.close()
+    runs = {key: results[key][0] for key, _, _ in selected}  # in jobs() order, whatever finished first
+    updates = {key: u for key, (_, u) in results.items() if u is not None}
     return rounded({"meta": {"steps": STEPS, "curve_every": 10, "quick": quick, "torch": torch.__version__,
-                             "grad_ranks": list(GRAD_RANKS)},
-                    "grad_norm": grad_norms, "runs": runs})
+                             "cpu": cpu_name(), "seeds": list(SEEDS), "grad_ranks": list(GRAD_RANKS)},
+                    "grad_norm": grad_norms, "start": start, "weights": weight_statistics(),
+                    "subspace": subspace_section(updates), "runs": runs})
 
 
 def to_json(data: dict) -> str:
-    """JSON with one line per run and per gradient-norm series: small, and readable in a diff."""
+    """JSON with one line per run and per entry of each section: small, and readable in a diff."""
     lines = []
     for section, value in data.items():
         items = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items()]
@@ -107,10 +222,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON file to write (default {DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true",
-                        help=f"only the step-1 gradient norms and the runs {', '.join(QUICK_KEYS)} (about 15 s)")
+                        help=f"only the step-1 gradient norms, the pretrained weights and the runs {', '.join(QUICK_KEYS)}")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    data = run(quick=args.quick, progress=not args.no_progress)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    data = run(quick=args.quick, progress=not args.no_progress, n_jobs=args.jobs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(to_json(data))
     print(f"wrote {len(data['runs'])} runs to {args.out}")

@@ -23,7 +23,7 @@ LAYERS = {
     "quant": {"methods"},
     "tiny": {"train"},
     "memory": {"methods", "quant", "train", "tiny"},
-    "experiments": {"methods", "tiny", "train"},
+    "experiments": {"methods", "quant", "tiny", "train"},
     "teaching": {"methods"},
 }
 

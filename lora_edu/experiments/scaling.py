@@ -20,9 +20,10 @@ import math
 import torch
 
 from ..methods.hparams import check_lora_hparams, lora_scaling
-from ..methods.inject import count_trainable_params, inject_lora
+from ..methods.inject import adapter_modules, count_trainable_params, inject_lora
+from ..quant.qlora import prepare_qlora
 from ..tiny.model import evaluate, lm_loss, pretrained_model, train
-from ..tiny.tasks import FINETUNE, Task, make_batches
+from ..tiny.tasks import FINETUNE, PRETRAIN, Task, make_batches
 
 #: the target set the rank sweeps use: the attention projections of Hu et al.'s main experiments
 QV_TARGETS = ("q_proj", "v_proj")
@@ -82,41 +83,93 @@ def adapter_grad_norm(model: torch.nn.Module, batch: torch.Tensor) -> float:
     return norm
 
 
+#: what the frozen base is stored in: float32 (as pretrained), bfloat16 (16-bit LoRA), or NF4 (QLoRA)
+BASES = ("fp32", "bf16", "nf4")
+
+
 def adapted_model(r: int | None, alpha: float = 16, rslora: bool = False, targets=QV_TARGETS,
-                  init_seed: int = 0) -> torch.nn.Module:
-    """The pretrained tiny transformer with fresh adapters, or, with r=None, fully trainable."""
+                  init_seed: int = 0, base: str = "fp32") -> torch.nn.Module:
+    """The pretrained tiny transformer with fresh adapters, or, with r=None, fully trainable.
+
+    base="bf16" casts the frozen model to bfloat16 before the adapters go in; base="nf4" is the
+    QLoRA recipe (prepare_qlora: every linear layer but the head in NF4 with double
+    quantization, bfloat16 compute). The adapters themselves are float32 in every case.
+    """
+    if base not in BASES:
+        raise ValueError(f"base must be one of {BASES}, got {base!r}")
+    if r is None and base != "fp32":
+        raise ValueError(f"full fine-tuning trains the float32 weights themselves; base={base!r} needs an adapter rank r")
     model = pretrained_model()  # a fresh copy of the cached base each call
     if r is None:
         return model  # full fine-tuning: every parameter trains
     torch.manual_seed(init_seed)  # the Kaiming draws of every lora_A
+    if base == "nf4":
+        return prepare_qlora(model, list(targets), r=r, alpha=alpha, rslora=rslora)
+    if base == "bf16":
+        model.to(torch.bfloat16)
     return inject_lora(model, list(targets), r=r, alpha=alpha, rslora=rslora)
 
 
+class Float32Logits(torch.nn.Module):
+    """A 16-bit model whose logits come out in float32, so that the loss is computed in float32, as
+    transformers' models do. Only the loss changes: the model's own computation stays 16-bit."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids).float()  # [B, T, vocab]
+
+
+def weight_deltas(model: torch.nn.Module, targets=QV_TARGETS) -> dict:
+    """The update each targeted matrix received, {module name: dW [out, in] float32}.
+
+    For an adapted model dW = s B A of every LoRA layer; for a fully fine-tuned one the
+    trained weight minus the pretrained one (pretrained_model() gives the same start).
+    """
+    layers = adapter_modules(model)
+    if layers:
+        return {name: layer.delta_weight().detach().float() for name, layer in layers.items()}
+    start = dict(pretrained_model().named_modules())
+    return {name: (m.weight - start[name].weight).detach().float() for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets}
+
+
 def finetune(r: int | None, alpha: float = 16, rslora: bool = False, targets=QV_TARGETS, steps: int = 300,
-             lr: float = 1e-3, seed: int = 1, task: Task = FINETUNE, every: int = 10) -> dict:
+             lr: float = 1e-3, seed: int = 1, task: Task = FINETUNE, every: int = 10, init_seed: int | None = None,
+             base: str = "fp32", return_model: bool = False):
     """Fine-tune the pretrained tiny transformer once; r=None means full fine-tuning.
 
-    Returns a dict: the config, `scaling`, `trainable` (parameter count), `grad_norm` (of the
-    trainable parameters on the first training batch, before any step), `curve` (the training
-    loss averaged over each `every` steps), `final` (held-out loss after training). Seeded:
-    the same arguments give the same numbers on the same machine.
+    seed draws the training batches; init_seed (default seed - 1) the adapters' A. Returns a
+    dict: the config, `scaling`, `trainable` (parameter count), `grad_norm` (of the trainable
+    parameters on the first training batch, before any step), `curve` (the training loss
+    averaged over each `every` steps), `final` (held-out loss on `task` after training) and
+    `pretrain_loss` (held-out loss on the pretraining task PRETRAIN after training: what was
+    forgotten). With return_model=True, (that dict, the trained model). Seeded: the same
+    arguments give the same numbers on the same machine.
     """
     if steps % every:
         raise ValueError(f"steps ({steps}) must be a multiple of every ({every}), so the curve has equal windows")
-    model = adapted_model(r, alpha, rslora, targets)
+    init_seed = seed - 1 if init_seed is None else init_seed
+    model = adapted_model(r, alpha, rslora, targets, init_seed, base)
+    net = model if base == "fp32" else Float32Logits(model)  # a bf16 cross-entropy would round the loss
     first = make_batches(task, 1, seed)[0]  # [B, T + 1], the batch train() draws first with this seed
-    grad_norm = adapter_grad_norm(model, first)
-    losses = train(model, task, steps, lr=lr, seed=seed, progress=False)
+    grad_norm = adapter_grad_norm(net, first)
+    losses = train(net, task, steps, lr=lr, seed=seed, progress=False)
     curve = [sum(losses[i:i + every]) / every for i in range(0, steps, every)]
-    final = evaluate(model, task)
-    return {"r": r, "alpha": alpha, "rslora": rslora, "targets": list(targets) if r is not None else "all",
-            "lr": lr, "steps": steps, "scaling": lora_scaling(alpha, r, rslora) if r is not None else None,
-            "trainable": count_trainable_params(model), "grad_norm": grad_norm,
-            "curve": curve, "final": final if math.isfinite(final) else None}
+    final, forgot = evaluate(net, task), evaluate(net, PRETRAIN)
+    record = {"r": r, "alpha": alpha, "rslora": rslora, "targets": list(targets) if r is not None else "all",
+              "lr": lr, "steps": steps, "seed": seed, "init_seed": init_seed, "base": base,
+              "scaling": lora_scaling(alpha, r, rslora) if r is not None else None,
+              "trainable": count_trainable_params(model), "grad_norm": grad_norm,
+              "curve": curve, "final": final if math.isfinite(final) else None,
+              "pretrain_loss": forgot if math.isfinite(forgot) else None}
+    return (record, model) if return_model else record
 
 
 def step1_grad_norm(r: int, alpha: float = 16, rslora: bool = False, targets=QV_TARGETS, seed: int = 1,
                     task: Task = FINETUNE) -> float:
     """The adapter's gradient norm on the first fine-tuning batch, without training."""
-    model = adapted_model(r, alpha, rslora, targets)
+    model = adapted_model(r, alpha, rslora, targets, init_seed=seed - 1)
     return adapter_grad_norm(model, make_batches(task, 1, seed)[0])

@@ -100,6 +100,49 @@ def test_65b_qlora_on_48gb():
     assert estimate_memory(LLAMA_65B, r=64, policy="pure_bf16", **setting).total < 42 * GB
 
 
+ADAPTER_CONVENTIONS = ("fp32", "mixed_fp32_master", "bf16_fp32_states", "pure_bf16")
+
+
+def test_adapter_conventions_on_qlora_65b():
+    """Chapter 4's comparison: what each adapter convention costs for QLoRA-65B, r = 64 on every linear."""
+    p_lora = lora_params_for(LLAMA_65B, "all-linear", 64)
+    led = {pol: estimate_memory(LLAMA_65B, "qlora", r=64, targets="all-linear", adapter_policy=pol)
+           for pol in ADAPTER_CONVENTIONS}
+    per_param = {pol: (b.lora_weights + b.lora_gradients + b.lora_master_weights + b.lora_optimizer_states) / p_lora
+                 for pol, b in led.items()}
+    assert per_param == {"fp32": 16, "mixed_fp32_master": 16, "bf16_fp32_states": 12, "pure_bf16": 8}
+    base = led["fp32"].weights + led["fp32"].quant_constants
+    assert all(b.weights + b.quant_constants == base for b in led.values())  # only the adapters' bytes move
+    assert round(led["mixed_fp32_master"].total / GB, 2) == round(led["fp32"].total / GB, 2) == 47.25
+    assert round(led["bf16_fp32_states"].total / GB, 2) == 44.05  # the paper's: bf16 adapters, 32-bit Adam states
+    assert round(led["pure_bf16"].total / GB) == 41  # bf16 Adam states as well
+    assert "(adapters bf16_fp32_states)" in led["bf16_fp32_states"].label
+    assert "adapters" not in estimate_memory(LLAMA_65B, "qlora").label
+
+
+def test_only_float32_adapters_copy_their_inputs():
+    kw = dict(r=8, targets=("q", "k", "v", "o"), batch=1, seq_len=2048)
+    act = {pol: estimate_memory(LLAMA_7B, "lora", adapter_policy=pol, **kw) for pol in ADAPTER_CONVENTIONS}
+    copies = {pol: b.activation_terms["LoRA inputs (float32 copies)"] for pol, b in act.items()}
+    assert copies["fp32"] > 0 and all(copies[pol] == 0 for pol in ADAPTER_CONVENTIONS[1:])
+    assert act["mixed_fp32_master"].activations == act["bf16_fp32_states"].activations == act["pure_bf16"].activations
+
+
+def test_fp32_adapter_policy_is_what_peft_keeps_on_a_bf16_base():
+    """get_peft_model upcasts 16-bit adapter weights to float32 (autocast_adapter_dtype=True, its default)."""
+    pytest.importorskip("peft")  # the import takes a few seconds
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    cfg = TinyConfig()
+    torch.manual_seed(0)
+    model = get_peft_model(TinyLlama(cfg).to(torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert {p.dtype for p in trained} == {torch.float32}
+    led = estimate_memory(spec_from_tiny_config(cfg), "lora", adapter_policy="fp32", r=4, targets=("q", "v"))
+    assert led.lora_weights == sum(p.nbytes for p in trained)
+
+
 def test_activations():
     kwargs = dict(batch=4, seq_len=1024)
     full, lora = estimate_memory(LLAMA_7B, "full", **kwargs), estimate_memory(LLAMA_7B, "lora", **kwargs)
@@ -112,7 +155,8 @@ def test_activations():
     attention = 32 * (4 * 1024 * 4 * 4096 * 2 + 4 * 32 * 1024 * 4)
     assert full.activation_terms["attention"] == lora.activation_terms["attention"] == attention
     assert estimate_memory(LLAMA_7B, "full").activations == 0
-    # the GPT formula stores the s x s attention scores, which fused attention never does
+    # the GPT formula stores the T x T attention scores (its s is the sequence length), which fused
+    # attention never does
     s, b, h, a = 1024, 4, 4096, 32
     assert activation_bytes(LLAMA_7B, b, s) == 32 * s * b * h * (34 + 5 * a * s / h) > full.activations
     assert activation_bytes(LLAMA_7B, 1, 512, True) == 32 * 2 * 512 * h + 512 * h * (34 + 5 * a * 512 / h)

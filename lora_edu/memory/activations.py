@@ -12,7 +12,7 @@ to the byte). The rules, for the ops this decoder uses:
   normalised x if its weight is trained. silu keeps its input.
 * Attention (scaled_dot_product_attention, flash kernels on CPU and GPU) keeps q and k after
   RoPE, v, the output and a float32 log-sum-exp per query and head, if any of q, k, v needs
-  a gradient. It never keeps the s x s score matrix.
+  a gradient. It never keeps the T x T score matrix of a T-token sequence.
 * A tensor kept by several ops (the norm output feeding q, k and v) is stored once.
 * Nothing before the first trained parameter needs a gradient. Under LoRA the embedding is
   frozen, so the first layer's input needs none and its first norm keeps nothing.

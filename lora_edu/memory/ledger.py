@@ -8,12 +8,13 @@ the frozen base plus 16 * P_lora for the adapters, P_lora = sum of r * (d + k); 
 per-block scales, bits_per_param(block_size, double_quant) bits each.
 
 Activations are counted op by op by lora_edu.memory.activations: what autograd keeps for this
-architecture (LLaMA: RMSNorm, SwiGLU, fused attention that never stores the s x s scores),
-equal to the byte to what TinyLlama saves (tests/test_memory.py). LoRA keeps almost as much
-as full fine-tuning: backprop still runs through the whole base, and only the inputs that
-frozen weights would need for their own gradients are spared. activation_bytes gives the
-older one-formula estimate of Korthikanti et al. 2022, arXiv 2205.05198, eq. 1, derived for
-GPT (4h GeLU FFN, dropout, stored attention scores), for comparison.
+architecture (LLaMA: RMSNorm, SwiGLU, fused attention that never stores the T x T scores of a
+T-token sequence), equal to the byte to what TinyLlama saves (tests/test_memory.py). LoRA
+keeps almost as much as full fine-tuning: backprop still runs through the whole base, and
+only the inputs that frozen weights would need for their own gradients are spared.
+activation_bytes gives the older one-formula estimate of Korthikanti et al. 2022, arXiv
+2205.05198, eq. 1, derived for GPT (4h GeLU FFN, dropout, stored attention scores), for
+comparison.
 
 Sharding (ZeRO, FSDP), CPU offload and paged optimizers move these bytes elsewhere; DeepSpeed
 and bitsandbytes handle them, and this ledger counts one GPU holding everything.
@@ -29,7 +30,11 @@ from .spec import ModelSpec, _unknown, count_params, linear_shapes, lora_params_
 
 
 def activation_bytes(spec: ModelSpec, batch: int, seq_len: int, checkpointing: bool = False) -> float:
-    """Korthikanti et al. 2022 estimate, decoder layers only (the logits, s * b * vocab, left out)."""
+    """Korthikanti et al. 2022 estimate, decoder layers only (the logits, s * b * vocab, left out).
+
+    Written in the paper's symbols: s is the sequence length (the book's T), b the batch,
+    h the hidden size, a the number of heads.
+    """
     s, b, h, a = seq_len, batch, spec.hidden_size, spec.n_heads
     one_layer = s * b * h * (34 + 5 * a * s / h)  # eq. 1, 16-bit activations, no recomputation
     if not checkpointing:
@@ -38,16 +43,20 @@ def activation_bytes(spec: ModelSpec, batch: int, seq_len: int, checkpointing: b
     return spec.n_layers * 2 * s * b * h + one_layer
 
 
-# bytes per parameter: (weight, gradient, fp32 master copy, one optimizer state)
+# bytes per parameter: (weight, gradient, fp32 master copy, one optimizer state).
+# bf16_fp32_states is what the QLoRA paper's code (artidoro/qlora) trains its adapters with:
+# LoRA layers cast to bf16 (eq. 5 computes X L1 L2 in bf16) and bitsandbytes' paged 32-bit
+# AdamW, whose states are float32 whatever the parameter's dtype, applied with no master copy.
 POLICIES = {
     "mixed_fp32_master": (2, 2, 4, 4),  # bf16 compute copy, fp32 master and states (ZeRO's 16 B)
     "autocast_fp32": (4, 4, 0, 4),  # torch.autocast: fp32 weights and grads, bf16 only inside ops
+    "bf16_fp32_states": (2, 2, 0, 4),  # bf16 weights and grads, fp32 states, no master: QLoRA's adapters
     "pure_bf16": (2, 2, 0, 2),  # everything bf16; cheapest, but small updates can round away
     "fp32": (4, 4, 0, 4),  # everything float32 (CPU training; PEFT's adapters on any base)
 }
 # bytes per activation element under each policy (autocast runs the matmuls, and so most
 # saved tensors, in bf16; mixed precision computes in the bf16 copy)
-ACTIVATION_BYTES = {"mixed_fp32_master": 2, "autocast_fp32": 2, "pure_bf16": 2, "fp32": 4}
+ACTIVATION_BYTES = {"mixed_fp32_master": 2, "autocast_fp32": 2, "bf16_fp32_states": 2, "pure_bf16": 2, "fp32": 4}
 OPTIMIZER_STATES = {"adam": 2, "sgd": 0}  # Adam keeps m and v; plain SGD (no momentum) nothing
 METHODS = ("full", "lora", "qlora")
 
@@ -92,8 +101,9 @@ def estimate_memory(spec: ModelSpec, method: str = "full", policy: str = "mixed_
     policy sets the bytes of the trained weights (and of the frozen base's weights);
     adapter_policy, if given, those of the LoRA adapters: "fp32" is what PEFT and lora_edu
     do on a 16-bit base (the tutorial's table keeps them under the mixed policy instead;
-    both come to 16 bytes per adapter parameter with Adam). Activations are counted when
-    batch and seq_len are given.
+    both come to 16 bytes per adapter parameter with Adam, but fp32 adapters also keep a
+    float32 copy of each adapted layer's input), "bf16_fp32_states" what the QLoRA paper's
+    code does (12 bytes). Activations are counted when batch and seq_len are given.
     """
     if method not in METHODS:
         raise _unknown("method", method, METHODS)
@@ -111,7 +121,8 @@ def estimate_memory(spec: ModelSpec, method: str = "full", policy: str = "mixed_
     w, g, m, s = POLICIES[policy]
     n_states = OPTIMIZER_STATES[optimizer]
     P = count_params(spec)
-    led = Ledger(label=f"{method} / {policy} / {optimizer}")
+    adapters = f" (adapters {adapter_policy})" if adapter_policy and method != "full" else ""
+    led = Ledger(label=f"{method} / {policy}{adapters} / {optimizer}")
     if method != "full":
         P_lora = lora_params_for(spec, targets, r)  # checks targets and r
         aw, ag, am, as_ = POLICIES[adapter_policy or policy]

@@ -200,3 +200,11 @@ def test_bad_input(call, match):
 
 def test_preset_lookup_ignores_case():
     assert get_preset("LLaMA-7B") is LLAMA_7B
+
+
+def test_every_policy_has_its_activation_width():
+    # every policy but plain float32 runs its matmuls, and so keeps its activations, in 16 bits
+    from lora_edu.memory.ledger import ACTIVATION_BYTES, POLICIES
+
+    assert ACTIVATION_BYTES.keys() == POLICIES.keys()
+    assert {p: ACTIVATION_BYTES[p] for p in POLICIES} == {p: 4 if p == "fp32" else 2 for p in POLICIES}

@@ -1,6 +1,6 @@
 """Run the fine-tuning sweeps of the scaling-and-rank chapter and write them to a JSON file.
 
-    python code/scaling_sweeps.py --jobs 16              # everything: 174 runs, about 40 core-minutes
+    python code/scaling_sweeps.py --jobs 16              # everything: 186 runs, about 45 core-minutes
     python code/scaling_sweeps.py --quick --out x.json   # the subset tests/test_scaling.py re-runs
 
 Every run fine-tunes the same pretrained tiny transformer (lora_edu.pretrained_model) on the
@@ -16,14 +16,15 @@ Sweeps (the chapter reads them by their `group`), each at seeds 1, 2, 3:
   grad_norm    the adapter's gradient norm at step 1, r = 1 .. 1024, alpha / r and alpha / sqrt(r)
   scaling      r = 4 .. 256 x both scalings, alpha = 16, at four learning rates (1e-3 .. 3e-2)
   targets      q | q,v | q,k,v,o | all linear layers, at (nearly) the same number of trainable parameters
-  rank         r = 1 .. 64 on q,v with alpha = 2r (the same scale s = 2 at every rank)
+  rank         r = 1 .. 64 on q,v with alpha = 16 under alpha / r (the same s * r = 16 at every rank), lr 1e-2
   lr           LoRA (q,v, r = 8) and full fine-tuning, each over the same learning rates
   qlora        LoRA r = 8 on every linear layer over a float32, a bfloat16 and an NF4 base (QLoRA)
 and, from those runs and the pretrained model:
   start        the pretrained model's held-out losses on both tasks, before any fine-tuning
   weights      the pretrained weights' excess kurtosis, and their histogram scaled by each block's absmax
-  subspace     the singular values of full fine-tuning's updates, and how much the top directions
-               of the r = 8 and r = 64 adapters' updates share (section 7 of the LoRA paper)
+  subspace     the singular values of full fine-tuning's updates, its loss with each update cut to
+               rank k, and how much the top directions of the r = 8 and r = 64 adapters' updates
+               share (Hu et al. section 7.2; Biderman et al. section 4.5 for the full updates)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from lora_edu import FINETUNE, LLAMA_TARGETS, PRETRAIN, evaluate, pretrained_model
-from lora_edu.experiments.scaling import QV_TARGETS, finetune, step1_grad_norm, weight_deltas
+from lora_edu.experiments.scaling import QV_TARGETS, finetune, step1_grad_norm, truncate_updates, weight_deltas
 from lora_edu.experiments.subspace import singular_values, subspace_similarity, top_directions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,10 +60,14 @@ SCALING_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 TARGET_SETS = {"q": (("q_proj",), 40), "q,v": (("q_proj", "v_proj"), 20),
                "q,k,v,o": (("q_proj", "k_proj", "v_proj", "o_proj"), 10), "all linear": (LLAMA_TARGETS, 4)}
 RANK_SWEEP = (1, 2, 4, 8, 16, 32, 64)
-LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-OTHER_LR = 3e-3  # for the targets, rank and qlora sweeps: train()'s default learning rate
+# the rank sweep keeps alpha = 16 under alpha / r, so s * r = 16 at every rank, at the learning rate that
+# the scaling sweep found best for alpha / r at every rank: each doubling changes the rank, not the step
+RANK_LR = 1e-2
+LRS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+OTHER_LR = 3e-3  # for the targets and qlora sweeps: train()'s default learning rate
 QLORA_BASES = ("fp32", "bf16", "nf4")
 FULL_LR = 1e-3  # the full fine-tunes whose updates the subspace section takes apart
+TRUNCATE_RANKS = (1, 2, 4, 8, 16, 32, 64)  # each full update cut to its best rank-k part, then evaluated
 OVERLAP_RANKS = (8, 64)  # the LoRA paper compares r = 8 with r = 64
 # the top directions compared on the larger side: the tiny model is 64 wide, so all 64 directions of
 # an r = 64 update span the whole space and share everything with anything (phi = 1)
@@ -83,7 +88,7 @@ def jobs() -> list[tuple[str, str, dict]]:
             out.append((f"targets {name} r={r} seed={seed}", "targets",
                         dict(r=r, alpha=2 * r, targets=targets, lr=OTHER_LR, seed=seed)))
         for r in RANK_SWEEP:
-            out.append((f"rank r={r} seed={seed}", "rank", dict(r=r, alpha=2 * r, lr=OTHER_LR, seed=seed)))
+            out.append((f"rank r={r} seed={seed}", "rank", dict(r=r, alpha=16, lr=RANK_LR, seed=seed)))
         for lr in LRS:
             out.append((f"lr lora lr={lr:g} seed={seed}", "lr", dict(r=8, alpha=16, lr=lr, seed=seed)))
             out.append((f"lr full lr={lr:g} seed={seed}", "lr", dict(r=None, lr=lr, seed=seed)))
@@ -99,21 +104,26 @@ QUICK_KEYS = ("scaling lr=0.001 r=4 rslora=False seed=1", "scaling lr=0.001 r=4 
               f"lr full lr={FULL_LR:g} seed=1")
 
 
-def keeps_update(kwargs: dict) -> bool:
-    """The runs whose weight updates the subspace section needs."""
-    full = kwargs["r"] is None and kwargs["lr"] == FULL_LR
-    return full or (kwargs["r"] in OVERLAP_RANKS and kwargs.get("alpha") == 2 * kwargs["r"]
-                    and kwargs.get("targets", QV_TARGETS) == QV_TARGETS)
+#: the runs whose weight updates the subspace section needs; the adapter pairs have different seeds
+#: (runs with the same seed draw the same first rows of the first adapted matrix's A)
+OVERLAP_RUNS = ("rank r=8 seed=1", "rank r=64 seed=2", "rank r=64 seed=3")
+
+
+def keeps_update(key: str) -> bool:
+    return key in OVERLAP_RUNS or key.startswith(f"lr full lr={FULL_LR:g} ")
 
 
 def run_one(job):
-    """One fine-tune in a worker process: (key, record, updates or None)."""
+    """One fine-tune in a worker process: (key, record, updates or None, truncated losses or None)."""
     key, group, kwargs = job
     torch.set_num_threads(1)  # one thread: faster on these tiny tensors, and the same bits every run
     record, model = finetune(steps=STEPS, return_model=True, **kwargs)
-    targets = LLAMA_TARGETS if kwargs["r"] is None else kwargs.get("targets", QV_TARGETS)
-    updates = weight_deltas(model, targets) if keeps_update(kwargs) else None
-    return key, {"group": group, **record}, updates
+    full = kwargs["r"] is None
+    targets = LLAMA_TARGETS if full else kwargs.get("targets", QV_TARGETS)
+    updates = weight_deltas(model, targets) if keeps_update(key) else None
+    truncated = ({k: evaluate(truncate_updates(model, k, LLAMA_TARGETS), FINETUNE) for k in TRUNCATE_RANKS}
+                 if full and keeps_update(key) else None)
+    return key, {"group": group, **record}, updates, truncated
 
 
 def weight_statistics() -> dict:
@@ -137,20 +147,25 @@ def weight_statistics() -> dict:
             "scaled_histogram": [int(c) for c in counts.tolist()], "n": scaled.numel()}
 
 
-def subspace_section(updates: dict) -> dict:
-    """Spectra of the full fine-tunes' updates, and overlaps of the r = 8 and r = 64 updates' top directions."""
-    spectra = {f"seed={seed}": {name: singular_values(d).tolist() for name, d in updates[f"lr full lr={FULL_LR:g} seed={seed}"].items()}
-               for seed in SEEDS if f"lr full lr={FULL_LR:g} seed={seed}" in updates}
-    section = {"full_lr": FULL_LR, "full_spectrum": spectra}
-    low, high = OVERLAP_RANKS
-    needed = [f"rank r={low} seed=1", f"rank r={high} seed=2", f"rank r={high} seed=3", f"lr full lr={FULL_LR:g} seed=1"]
+def subspace_section(updates: dict, truncated: dict) -> dict:
+    """Spectra of the full fine-tunes' updates, their losses cut to rank k, and overlaps of the top
+    directions of the r = 8 and r = 64 adapters' updates."""
+    full_key = f"lr full lr={FULL_LR:g}"
+    spectra = {f"seed={seed}": {name: singular_values(d).tolist() for name, d in updates[f"{full_key} seed={seed}"].items()}
+               for seed in SEEDS if f"{full_key} seed={seed}" in updates}
+    cut = {f"seed={seed}": {str(k): loss for k, loss in truncated[f"{full_key} seed={seed}"].items()}
+           for seed in SEEDS if f"{full_key} seed={seed}" in truncated}
+    section = {"full_lr": FULL_LR, "full_spectrum": spectra, "full_truncated": cut}
+    needed = [*OVERLAP_RUNS, f"{full_key} seed=2"]
     if not all(k in updates for k in needed):
         return section
     r8, r64a, r64b, full = (updates[k] for k in needed)
-    # different seeds on each side: runs with the same init seed draw the same first rows of A
+    section["lora_spectrum"] = {key: {name: singular_values(d).tolist()[:OVERLAP_COLUMNS] for name, d in updates[key].items()}
+                                for key in OVERLAP_RUNS}
+    low, high = OVERLAP_RANKS
     pairs = {f"r={low} seed=1 vs r={high} seed=2": (r8, r64a, low, OVERLAP_COLUMNS),
              f"r={high} seed=2 vs r={high} seed=3": (r64a, r64b, low, OVERLAP_COLUMNS),
-             f"r={low} seed=1 vs full seed=1": (r8, full, low, OVERLAP_COLUMNS)}
+             f"r={low} seed=1 vs full seed=2": (r8, full, low, OVERLAP_COLUMNS)}
     section["overlap"] = {
         label: {name: [[round(v, 4) for v in row] for row in
                        subspace_similarity(top_directions(a[name], i), top_directions(b[name], j)).tolist()]
@@ -192,21 +207,22 @@ def run(quick: bool = False, progress: bool = True, n_jobs: int = 1) -> dict:
     results = {}
     if n_jobs > 1:
         with ProcessPoolExecutor(n_jobs, mp_context=get_context("spawn")) as pool:
-            for key, record, updates in pool.map(run_one, selected):
-                results[key] = (record, updates)
+            for key, *result in pool.map(run_one, selected):
+                results[key] = result
                 bar.update()
     else:
         for job in selected:
-            key, record, updates = run_one(job)
-            results[key] = (record, updates)
+            key, *result = run_one(job)
+            results[key] = result
             bar.update()
     bar.close()
     runs = {key: results[key][0] for key, _, _ in selected}  # in jobs() order, whatever finished first
-    updates = {key: u for key, (_, u) in results.items() if u is not None}
+    updates = {key: u for key, (_, u, _) in results.items() if u is not None}
+    truncated = {key: t for key, (_, _, t) in results.items() if t is not None}
     return rounded({"meta": {"steps": STEPS, "curve_every": 10, "quick": quick, "torch": torch.__version__,
                              "cpu": cpu_name(), "seeds": list(SEEDS), "grad_ranks": list(GRAD_RANKS)},
                     "grad_norm": grad_norms, "start": start, "weights": weight_statistics(),
-                    "subspace": subspace_section(updates), "runs": runs})
+                    "subspace": subspace_section(updates, truncated), "runs": runs})
 
 
 def to_json(data: dict) -> str:

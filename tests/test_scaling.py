@@ -14,7 +14,7 @@ import torch
 
 import lora_edu
 from lora_edu import TinyConfig, TinyLlama, inject_lora, lm_loss, lora_scaling
-from lora_edu.experiments.scaling import Float32Logits, adapted_model, adapter_grad_norm, finetune, loglog_slope, update_std, weight_deltas
+from lora_edu.experiments.scaling import Float32Logits, adapted_model, truncate_updates, adapter_grad_norm, finetune, loglog_slope, update_std, weight_deltas
 from lora_edu.experiments.subspace import energy_share, singular_values, subspace_similarity, top_directions
 from lora_edu.tiny.tasks import FINETUNE, make_batches
 
@@ -137,6 +137,28 @@ def test_weight_deltas_are_s_b_a_for_adapters_and_the_change_for_full_fine_tunin
     assert changed["layers.1.self_attn.q_proj"].abs().max() == 0
 
 
+def test_truncate_updates_keeps_the_best_rank_k_part_of_each_update():
+    full = adapted_model(None)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, m in full.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.endswith(("q_proj", "v_proj")):
+                m.weight.add_(0.01 * torch.randn(m.weight.shape, generator=g))
+    deltas = weight_deltas(full)
+    for k in (1, 3):
+        cut = weight_deltas(truncate_updates(full, k))
+        for name, delta in deltas.items():
+            assert torch.linalg.matrix_rank(cut[name], atol=1e-5) == k
+            sv = torch.linalg.svdvals(delta.double())
+            # Eckart-Young: the error of the best rank-k approximation is the norm of the rest of the spectrum
+            assert math.isclose((delta - cut[name]).double().norm().item(), sv[k:].norm().item(), rel_tol=1e-3)
+    whole = truncate_updates(full, 64)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(full.parameters(), whole.parameters()))
+    assert full.layers[0].self_attn.k_proj.weight is not whole.layers[0].self_attn.k_proj.weight  # a copy
+    with pytest.raises(ValueError, match="positive rank"):
+        truncate_updates(full, 0)
+
+
 def test_subspace_similarity_is_one_inside_zero_across_and_j_over_d_at_random():
     g = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))[0]  # [64, 64] orthonormal
@@ -254,6 +276,9 @@ def test_committed_sweeps_equal_a_quick_rerun(tmp_path):
         assert abs(stored_w["kurtosis"][name] - k) < KURTOSIS_ABS, f"excess kurtosis of {name}"
     moved = sum(abs(a - b) for a, b in zip(stored_w["scaled_histogram"], quick_w["scaled_histogram"])) / 2
     assert sum(quick_w["scaled_histogram"]) == quick_w["n"] and moved < HISTOGRAM_MOVED * quick_w["n"]
+    fresh_cut = quick["subspace"]["full_truncated"]["seed=1"]
+    assert close(list(stored["subspace"]["full_truncated"]["seed=1"].values()), list(fresh_cut.values()), TOLERANCE["final"])
+    assert stored["subspace"]["full_truncated"]["seed=1"].keys() == fresh_cut.keys()
     fresh_spectra = quick["subspace"]["full_spectrum"]["seed=1"]
     for name, values in fresh_spectra.items():
         top = stored["subspace"]["full_spectrum"]["seed=1"][name][:SPECTRUM_TOP]
@@ -264,5 +289,5 @@ def test_committed_sweeps_equal_a_quick_rerun(tmp_path):
     seeds = stored["meta"]["seeds"]
     assert len(seeds) >= 3 and all({run["seed"] for run in stored["runs"].values() if run["group"] == g} == set(seeds)
                                    for g in groups)
-    assert set(stored["subspace"]["full_spectrum"]) == {f"seed={s}" for s in seeds}
+    assert set(stored["subspace"]["full_spectrum"]) == set(stored["subspace"]["full_truncated"]) == {f"seed={s}" for s in seeds}
     assert DATA.stat().st_size < 200_000

@@ -15,6 +15,7 @@ one seeded fine-tune of the tiny transformer with a given rank, scale and target
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -134,6 +135,22 @@ def weight_deltas(model: torch.nn.Module, targets=QV_TARGETS) -> dict:
     start = dict(pretrained_model().named_modules())
     return {name: (m.weight - start[name].weight).detach().float() for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets}
+
+
+@torch.no_grad()
+def truncate_updates(model: torch.nn.Module, k: int, targets=QV_TARGETS) -> torch.nn.Module:
+    """A copy of a fully fine-tuned model whose targeted matrices keep only the best rank-k part of
+    their update: W0 + U_k S_k V_k^T of dW = W - W0 (W0 from pretrained_model()). k = min(out, in)
+    gives the fine-tuned model back; small k asks how much of fine-tuning a rank-k update holds."""
+    if k < 1:
+        raise ValueError(f"k must be a positive rank, got {k}")
+    start = dict(pretrained_model().named_modules())
+    cut = copy.deepcopy(model)
+    for name, delta in weight_deltas(model, targets).items():
+        u, sv, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        low = (u[:, :k] * sv[:k]) @ vh[:k]  # [out, in], the best rank-k approximation (Eckart-Young)
+        cut.get_submodule(name).weight.copy_(start[name].weight + low.to(start[name].weight.dtype))
+    return cut
 
 
 def finetune(r: int | None, alpha: float = 16, rslora: bool = False, targets=QV_TARGETS, steps: int = 300,

@@ -1,4 +1,5 @@
-"""NF4 / INT4 / FP4 tables, the blockwise quantizer and double quantization (no bitsandbytes)."""
+"""NF4 / INT4 / FP4 tables (E2M1 and bitsandbytes' variant), the blockwise quantizer and double
+quantization (no bitsandbytes)."""
 
 import dataclasses
 import math
@@ -11,11 +12,11 @@ import torch
 
 from lora_edu.quant.blockwise import quantize_blockwise
 from lora_edu.quant.double_quant import DoubleQuantizedAbsmax, double_quantize, dynamic_map
-from lora_edu.quant.levels import NF4_OFFSET, fp4_levels, int4_levels, nf4_levels
+from lora_edu.quant.levels import NF4_OFFSET, bnb_fp4_levels, fp4_levels, int4_levels, nf4_levels
 from lora_edu.quant.quantized import QuantizedTensor, quantize_4bit, quantize_nf4
 from lora_edu.quant.sizes import bits_per_param, check_block_size
 
-TABLES = {"nf4": nf4_levels, "int4": int4_levels, "fp4": fp4_levels}
+TABLES = {"nf4": nf4_levels, "int4": int4_levels, "fp4": fp4_levels, "bnb_fp4": bnb_fp4_levels}
 
 
 def _randn(*shape, seed=0, dtype=torch.float32):
@@ -77,6 +78,17 @@ def test_fp4_levels_are_e2m1():
     assert sorted((lv * 6).tolist()) == sorted([-m for m in magnitudes] + magnitudes)
     assert torch.signbit(lv[7]) and not torch.signbit(lv[8]) and lv[7] == lv[8] == 0  # -0.0 then +0.0
     assert lv.min() == -1 and lv.max() == 1
+
+
+def test_bnb_fp4_levels_differ_from_e2m1_only_in_the_subnormal():
+    lv, e2m1 = bnb_fp4_levels(), fp4_levels()
+    magnitudes = [0, 1 / 192, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 2 / 3, 1]
+    assert lv.shape == (16,) and (lv[1:] >= lv[:-1]).all()
+    assert torch.allclose(lv, torch.tensor(sorted([-m for m in magnitudes] + magnitudes)), atol=1e-8, rtol=0)
+    subnormal = torch.tensor([6, 9])  # +-1/192 here, +-1/12 in E2M1
+    same = torch.ones(16, dtype=torch.bool).index_fill_(0, subnormal, False)
+    assert torch.equal(lv[same], e2m1[same]) and torch.equal(torch.signbit(lv), torch.signbit(e2m1))
+    assert torch.equal(lv[subnormal] * 16, e2m1[subnormal])  # (1/32 instead of 1/2 of the smallest normal)
 
 
 def test_dynamic_map():
@@ -182,7 +194,7 @@ def test_nf4_mean_absolute_error_matches_bitsandbytes_reference(block_size, expe
 def test_nf4_beats_int4_and_fp4_on_normal_weights():
     w = _randn(1024, 1024)
     mae = {name: (quantize_4bit(w, f(), 64).dequantize() - w).abs().mean().item() for name, f in TABLES.items()}
-    assert mae["nf4"] < mae["fp4"] < mae["int4"]
+    assert mae["nf4"] < mae["fp4"] < mae["int4"] < mae["bnb_fp4"]  # bitsandbytes' FP4: no level near 1/12
 
 
 def test_bits_per_param_and_the_65b_saving():

@@ -4,7 +4,8 @@ Everything here is bit-identical: the NF4 table, the dynamic 8-bit code, the pac
 bytes, the scales, the double-quantized scales (with dq_rounding="lut", bitsandbytes' CPU
 rule) and the dequantized tensors in float32, float16 and bfloat16. One exception is
 bitsandbytes' own: where a row of the weight does not hold whole blocks, its AVX-512
-dequantize kernel picks the wrong scales, so there we compare with the definition.
+dequantize kernel picks the wrong scales, so there we compare with the definition. The
+same quantizer with bnb_fp4_levels() reproduces bitsandbytes' FP4 (quant_type="fp4").
 """
 
 import pytest
@@ -14,8 +15,8 @@ pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnb  # noqa: E402  (prints a harmless "kernels" warning)
 
 from lora_edu.quant.double_quant import dynamic_map  # noqa: E402
-from lora_edu.quant.levels import nf4_levels  # noqa: E402
-from lora_edu.quant.quantized import quantize_nf4  # noqa: E402
+from lora_edu.quant.levels import bnb_fp4_levels, nf4_levels  # noqa: E402
+from lora_edu.quant.quantized import quantize_4bit, quantize_nf4  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +76,33 @@ def test_nf4_table_is_bitsandbytes_table():
     theirs = bnb.get_4bit_type("nf4", device="cpu")  # without device= it fails on a CPU-only torch
     assert torch.allclose(nf4_levels(), theirs, atol=1e-7, rtol=0)
     assert torch.equal(nf4_levels(), theirs)  # in fact to the last bit
+
+
+def test_bnb_fp4_table_is_bitsandbytes_table():
+    theirs = bnb.get_4bit_type("fp4", device="cpu")  # in bit-pattern order: sign bit 8, then 3 bits
+    assert torch.equal(bnb_fp4_levels(), theirs.sort().values)  # to the last bit (-0.0 == +0.0 here)
+    assert theirs.abs().unique().tolist()[:2] == [0.0, bnb_fp4_levels()[9].item()]  # 0, then 1/192
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, block_size", [((64, 64), 64), ((1000,), 64), ((96, 130), 256)])
+def test_bnb_fp4_quantizer_is_nearest_level_in_bnb_fp4_levels(shape, block_size, dtype):
+    # bitsandbytes' codes are bit patterns and ours are indices into the sorted table, so the
+    # dequantized values and the scales are compared; midpoints test the tie rule as well.
+    lv = bnb_fp4_levels()
+    g = torch.Generator().manual_seed(sum(shape))
+    n = torch.Size(shape).numel()
+    mids = (lv[:-1] + lv[1:]) / 2
+    c = (torch.rand(-(-n // block_size), generator=g) * 3 + 0.1).repeat_interleave(block_size)[:n]
+    w = (mids[torch.randint(0, 15, (n,), generator=g)].double() * c.double()).float()
+    w = torch.nextafter(w, w + torch.randint(-1, 2, (n,), generator=g).float())  # one ulp either way, or none
+    w[::block_size] = c[::block_size]  # each block's absmax
+    w[1::3] = torch.randn(len(w[1::3]), generator=g)  # and plain normal weights in between
+    w = w.view(shape).to(dtype)
+    packed, state = bnb.quantize_4bit(w, blocksize=block_size, quant_type="fp4")
+    ours = quantize_4bit(w, lv, block_size)
+    assert torch.equal(ours.absmax, state.absmax)
+    assert torch.equal(ours.dequantize().view(-1), bnb.dequantize_4bit(packed, state).view(-1))
 
 
 def test_dynamic_map_is_bitsandbytes_map():

@@ -9,7 +9,8 @@ from .._lazy import attach
 
 #: public name -> the module (in this package) that defines it; lora_edu re-exports them
 NAMES = {
-    "nf4_levels": "levels", "int4_levels": "levels", "fp4_levels": "levels", "NF4_OFFSET": "levels",
+    "nf4_levels": "levels", "int4_levels": "levels", "fp4_levels": "levels", "bnb_fp4_levels": "levels",
+    "NF4_OFFSET": "levels",
     "dynamic_map": "double_quant", "double_quantize": "double_quant", "DoubleQuantizedAbsmax": "double_quant",
     "quantize_nf4": "quantized", "quantize_4bit": "quantized", "QuantizedTensor": "quantized",
     "bits_per_param": "sizes", "scale_bytes": "sizes",

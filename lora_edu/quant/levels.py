@@ -1,4 +1,4 @@
-"""Three 4-bit data types: NF4, INT4 and FP4, each a table of 16 levels in [-1, 1].
+"""Three 4-bit data types: NF4, INT4 and FP4 (two variants), each a table of 16 levels in [-1, 1].
 
 Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv 2305.14314,
 section 3 (4-bit NormalFloat). A 4-bit code is an index into one of these tables; a
@@ -11,8 +11,11 @@ NF4 places the levels at quantiles of the standard normal N(0, 1): with Phi^-1 t
 inverse normal CDF, the levels are Phi^-1(p_i) for evenly spaced probabilities p_i,
 rescaled so the largest is 1. Each bin between neighbouring levels then holds about the
 same share of normally distributed weights, so no code is wasted on the empty tails, which
-is where evenly spaced INT4 loses. The tables are built here from their definitions,
-never typed in; blockwise.py turns any of them into a quantizer.
+is where evenly spaced INT4 loses. Equal shares maximise the entropy of the codes, which is
+not the same as the least squared error (a Lloyd-Max quantizer has that), and the values
+actually rounded are w / c of absmax-scaled blocks, not N(0, 1) draws: chapter 3 measures
+both. The tables are built here from their definitions, never typed in; blockwise.py turns
+any of them into a quantizer.
 """
 
 from __future__ import annotations
@@ -68,6 +71,18 @@ def int4_levels() -> torch.Tensor:
     return torch.cat([torch.tensor([-1.0]), k / 7])  # [16], sorted (-1 appears twice)
 
 
+def _e2m1_normal_magnitudes() -> torch.Tensor:
+    """The six normal magnitudes of E2M1, (1 + m/2) * 2^(e-1) for e = 1..3: 1, 1.5, 2, 3, 4, 6."""
+    e = torch.arange(1, 4, dtype=torch.float32)  # normal exponents 1..3
+    m = torch.tensor([0.0, 1.0])  # mantissa bit
+    return ((1 + m / 2) * 2 ** (e[:, None] - 1)).flatten()  # [6], increasing
+
+
+def _signed_table(magnitudes: torch.Tensor) -> torch.Tensor:
+    """Eight magnitudes (0 first, the largest last) -> 16 sorted levels in [-1, 1], -0.0 and +0.0 both kept."""
+    return torch.cat([-magnitudes.flip(0), magnitudes]) / magnitudes.max()  # [16]
+
+
 def fp4_levels() -> torch.Tensor:
     """The 16 values of the E2M1 float (1 sign, 2 exponent, 1 mantissa bit) divided by 6.
 
@@ -77,12 +92,30 @@ def fp4_levels() -> torch.Tensor:
     sorted, so -0.0 and +0.0 both appear: a float format spends one of its 16 codes on a
     second zero. Code k here is the k-th smallest value, not the E2M1 bit pattern.
 
-    bitsandbytes' own "fp4" table is a different variant (its second-smallest magnitude is
-    0.0052 where E2M1 has 1/12 = 0.0833); this one is the standard E2M1 of the OCP
-    microscaling formats. Nothing here is checked against bitsandbytes' FP4.
+    This is the standard E2M1 of the OCP microscaling formats. bitsandbytes' own "fp4"
+    table is a different variant: bnb_fp4_levels below.
     """
-    e = torch.arange(1, 4, dtype=torch.float32)  # normal exponents 1..3
-    m = torch.tensor([0.0, 1.0])  # mantissa bit
-    normal = ((1 + m / 2) * 2 ** (e[:, None] - 1)).flatten()  # [6]: 1, 1.5, 2, 3, 4, 6
-    magnitudes = torch.cat([torch.tensor([0.0, 0.5]), normal])  # [8], increasing
-    return torch.cat([-magnitudes.flip(0), magnitudes]) / 6  # [16]: -1 .. -0.0, +0.0 .. 1
+    magnitudes = torch.cat([torch.tensor([0.0, 0.5]), _e2m1_normal_magnitudes()])  # [8], increasing
+    return _signed_table(magnitudes)  # [16]: -1 .. -0.0, +0.0 .. 1
+
+
+def bnb_fp4_levels() -> torch.Tensor:
+    """bitsandbytes' FP4 table, sorted: E2M1's levels with its subnormal moved almost onto 0.
+
+    This is the table behind bitsandbytes' quantize_4bit(quant_type="fp4") (the one
+    bitsandbytes.functional.get_4bit_type("fp4") returns, there in bit-pattern order). Its
+    six normal magnitudes are E2M1's, 1, 1.5, 2, 3, 4 and 6 in units of the smallest
+    normal (bitsandbytes writes them as 2, 3, 4, 6, 8, 12). Its one subnormal, though, is
+    1/32 of the smallest normal where IEEE-style E2M1 has 1/2, so after dividing by the
+    largest magnitude the levels are
+
+        +-{0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1}    instead of E2M1's    +-{0, 1/12, 1/6, ...}
+
+    Two codes then sit within 0.0053 of zero and nothing lies between 1/192 and 1/6, where
+    a large share of absmax-scaled normal weights falls. Sorted like the other tables (code
+    k is the k-th smallest level, -0.0 before +0.0); tests/test_nf4_parity.py checks it
+    against bitsandbytes' table and quantizer.
+    """
+    normal = _e2m1_normal_magnitudes()  # [6]: 1 .. 6
+    magnitudes = torch.cat([torch.tensor([0.0]), normal[:1] / 32, normal])  # [8], increasing
+    return _signed_table(magnitudes)  # [16]: -1 .. -0.0, +0.0 .. 1

@@ -16,8 +16,10 @@ to the byte). The rules, for the ops this decoder uses:
 * A tensor kept by several ops (the norm output feeding q, k and v) is stored once.
 * Nothing before the first trained parameter needs a gradient. Under LoRA the embedding is
   frozen, so the first layer's input needs none and its first norm keeps nothing.
-* LoRA keeps A x [tokens, r] for dL/dB and x for dL/dA. Its adapters are float32 (as in PEFT),
-  so on a 16-bit model it casts x first and keeps that float32 copy, one per adapted layer.
+* LoRA keeps A x [tokens, r] for dL/dB and x for dL/dA. If the adapters are wider than the
+  activations (float32 on a bf16 model, as PEFT makes them, without torch.autocast), each
+  adapted layer casts x to their width and keeps that copy; if they are as wide, x is the
+  base layer's own input, kept once for every adapter that reads it (q, k and v read one).
 * The loss keeps the log-probabilities [tokens, vocab] and the targets (int64); the
   embedding keeps the token ids (int64) if it is trained.
 * Gradient checkpointing (lora_edu.train.checkpointing) keeps each layer's input and nothing inside;

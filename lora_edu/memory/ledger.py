@@ -1,11 +1,12 @@
 """Memory ledger: where the bytes of a fine-tuning run go, term by term, before running it.
 
 Mixed-precision Adam keeps 16 bytes per trainable parameter (Rajbhandari et al. 2019, ZeRO,
-arXiv 1910.02054, section 3.1): bf16 weight 2 + bf16 gradient 2 + fp32 master weight 4 +
-Adam m 4 + Adam v 4. Full fine-tuning pays 16 * P for all P parameters; LoRA pays 2 * P for
-the frozen base plus 16 * P_lora for the adapters, P_lora = sum of r * (d + k); QLoRA
-(Dettmers et al. 2023, arXiv 2305.14314) stores the base's linear weights in 4-bit NF4 with
-per-block scales, bits_per_param(block_size, double_quant) bits each.
+arXiv 1910.02054, section 3.1, in fp16; bf16 has the same widths): bf16 weight 2 + bf16
+gradient 2 + fp32 master weight 4 + Adam m 4 + Adam v 4. Full fine-tuning pays 16 * P for
+all P parameters; LoRA pays 2 * P for the frozen base plus 16 * P_lora for the adapters,
+P_lora = sum of r * (d + k); QLoRA (Dettmers et al. 2023, arXiv 2305.14314) stores the base's
+linear weights in 4-bit NF4 with per-block scales, bits_per_param(block_size, double_quant)
+bits each.
 
 Activations are counted op by op by lora_edu.memory.activations: what autograd keeps for this
 architecture (LLaMA: RMSNorm, SwiGLU, fused attention that never stores the T x T scores of a
@@ -30,10 +31,10 @@ from .spec import ModelSpec, _unknown, count_params, linear_shapes, lora_params_
 
 
 def activation_bytes(spec: ModelSpec, batch: int, seq_len: int, checkpointing: bool = False) -> float:
-    """Korthikanti et al. 2022 estimate, decoder layers only (the logits, s * b * vocab, left out).
+    """Korthikanti et al. 2022 estimate of the decoder layers' activations, in bytes.
 
     Written in the paper's symbols: s is the sequence length (the book's T), b the batch,
-    h the hidden size, a the number of heads.
+    h the hidden size, a the number of heads. The logits, s * b * vocab, are left out.
     """
     s, b, h, a = seq_len, batch, spec.hidden_size, spec.n_heads
     one_layer = s * b * h * (34 + 5 * a * s / h)  # eq. 1, 16-bit activations, no recomputation
@@ -101,9 +102,10 @@ def estimate_memory(spec: ModelSpec, method: str = "full", policy: str = "mixed_
     policy sets the bytes of the trained weights (and of the frozen base's weights);
     adapter_policy, if given, those of the LoRA adapters: "fp32" is what PEFT and lora_edu
     do on a 16-bit base (the tutorial's table keeps them under the mixed policy instead;
-    both come to 16 bytes per adapter parameter with Adam, but fp32 adapters also keep a
-    float32 copy of each adapted layer's input), "bf16_fp32_states" what the QLoRA paper's
-    code does (12 bytes). Activations are counted when batch and seq_len are given.
+    both come to 16 bytes per adapter parameter with Adam, but fp32 adapters, without
+    torch.autocast, also keep a float32 copy of each adapted layer's input),
+    "bf16_fp32_states" what the QLoRA paper's code does (12 bytes). Activations are counted
+    when batch and seq_len are given.
     """
     if method not in METHODS:
         raise _unknown("method", method, METHODS)

@@ -1,7 +1,8 @@
 """The peak of a training step on a GPU, predicted phase by phase from the ledger.
 
-The ledger (lora_edu.memory.ledger) adds up everything a step ever holds. A GPU's peak
-(torch.cuda.max_memory_allocated) is smaller than that sum, because gradients and
+The ledger (lora_edu.memory.ledger) adds up its terms, which never all exist at once, and
+leaves out the step's temporaries. A GPU's peak (torch.cuda.max_memory_allocated) can be
+smaller than that sum, because gradients and
 activations never all live at once: the backward frees each layer's activations as it
 produces that layer's gradients. It is also larger in places, because PyTorch makes
 temporaries the textbook ledger does not list. This module names those temporaries and

@@ -2,13 +2,13 @@
 
 Dettmers et al. 2021, "8-bit Optimizers via Block-wise Quantization", arXiv 2110.02861,
 used for 4 bits in QLoRA (Dettmers et al. 2023, arXiv 2305.14314). The flattened tensor
-is cut into blocks of B values; block b keeps one float32 scale c_b = max |w| over the
-block, and each weight keeps one code:
+is cut into blocks of n_b values (the block size); block b keeps one float32 scale
+c_b = max |w| over the block, and each weight keeps one code:
 
     code_i = argmin_k | w_i / c_b - levels[k] |          (ties go to the lower level)
     w_hat_i = c_b * levels[code_i]
 
-One outlier then only coarsens its own block of B weights, not the whole matrix. The
+One outlier then only coarsens its own block of n_b weights, not the whole matrix. The
 code table is a parameter (NF4, INT4 or FP4 from levels.py, or the 8-bit dynamic code of
 double_quant.py). The arithmetic follows bitsandbytes' quantize_4bit step by step
 (multiply by 1 / c_b, clamp to [-1, 1], search the midpoints of the sorted levels), so
@@ -102,7 +102,7 @@ def quantize_blockwise(w: torch.Tensor, levels: torch.Tensor, block_size: int):
     check_weight(w)
     block_size = check_block_size(block_size)
     levels = check_levels(levels).to(w.device)
-    scaled, absmax = scale_blocks(to_blocks(w, block_size), w.numel())  # [n_blocks, B], [n_blocks]
+    scaled, absmax = scale_blocks(to_blocks(w, block_size), w.numel())  # [n_blocks, n_b], [n_blocks]
     check_finite(absmax)  # on n_blocks scales, cheaper than a pass over every weight
     codes = round_to_levels(scaled, levels).view(-1)[: w.numel()]  # [n], padding dropped
     return codes, absmax
@@ -115,7 +115,7 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, levels: torc
     values = levels[codes.long()]  # [n], each in [-1, 1]
     if n % block_size:  # (padding copies the tensor, so only when there is a ragged block)
         values = F.pad(values, (0, -n % block_size))
-    values = values.view(-1, block_size)  # [n_blocks, B]
+    values = values.view(-1, block_size)  # [n_blocks, n_b]
     # An all-zero block has absmax 0 (never clamped), so it reads back as zeros, not NaN.
     return (values * absmax[:, None]).view(-1)[:n]  # [n]
 
@@ -149,8 +149,8 @@ def _byte_table(levels: tuple, device: torch.device) -> torch.Tensor:
 def _dequantize_fused(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
                       dtype: torch.dtype) -> torch.Tensor:
     """The definition for torch.compile, which fuses it into one pass: bytes in, weights out."""
-    values = table[packed.int()].flatten(1)  # [n_blocks, B/2] bytes -> [n_blocks, B/2, 2] -> [n_blocks, B]
-    return (values * absmax[:, None]).to(dtype)  # [n_blocks, B]
+    values = table[packed.int()].flatten(1)  # [n_blocks, n_b/2] bytes -> [n_blocks, n_b/2, 2] -> [n_blocks, n_b]
+    return (values * absmax[:, None]).to(dtype)  # [n_blocks, n_b]
 
 
 _compiled_dequantize = None  # torch.compile(_dequantize_fused), made on first use
@@ -276,7 +276,7 @@ def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.
         if _compiled_dequantize is None:
             _compiled_dequantize = torch.compile(_dequantize_fused)
             from torch._dynamo import maybe_mark_dynamic as _mark_dynamic  # (torch.compile imported it)
-        blocks = packed.view(-1, block_size // 2)  # [n_blocks, B/2] bytes
+        blocks = packed.view(-1, block_size // 2)  # [n_blocks, n_b/2] bytes
         # one kernel for any number of blocks, so weights of other shapes don't recompile it;
         # it is compiled once per block size, dtype and device
         _mark_dynamic(blocks, 0)

@@ -41,7 +41,11 @@ class _NF4Matmul(torch.autograd.Function):
 
     Plain autograd would keep the dequantized 16-bit W alive from forward to backward, one
     full-precision copy per layer, which is what 4-bit storage set out to avoid.
-    bitsandbytes' MatMul4Bit makes the same trade: a second dequantization for the memory.
+    bitsandbytes' MatMul4Bit (0.50.2) makes the same trade: its backward rebuilds the whole
+    weight for dL/dx. Its forward calls the gemm_4bit op, which on a CUDA GPU may run a fused
+    kernel that dequantizes inside the matmul when the input has few rows (at most 4 always,
+    up to 1536 where a per-GPU heuristic says it pays), and otherwise, as here and on every
+    other device, dequantizes the whole weight and calls F.linear.
     """
 
     @staticmethod
@@ -115,7 +119,10 @@ class NF4Linear(nn.Module):
 
 
 class QLoRALinear(LoRALinear):
-    """LoRA on top of an NF4Linear. The adapter stays float32; the base computes in bf16."""
+    """LoRA on top of an NF4Linear. The adapter stays float32; the base computes in bf16.
+
+    float32 adapters are PEFT's convention too; the QLoRA paper's eq. 5 keeps them in bf16.
+    """
 
     base_type = NF4Linear
     mergeable = False  # merge_lora checks this before it merges anything

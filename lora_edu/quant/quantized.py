@@ -1,10 +1,11 @@
 """A 4-bit quantized weight as QLoRA stores it: packed codes plus per-block scales.
 
 Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv 2305.14314.
-A weight W of any shape is flattened, cut into blocks of B = 64, and stored as
+A weight W of any shape is flattened, cut into blocks of n_b = 64 weights (the block size),
+and stored as
 
-    codes   ceil(numel / 2) bytes      two 4-bit codes per byte, the first in the high nibble
-    absmax  numel / B float32 scales   or, double-quantized, 8-bit codes + a few float32
+    codes   ceil(numel / 2) bytes        two 4-bit codes per byte, the first in the high nibble
+    absmax  numel / n_b float32 scales   or, double-quantized, 8-bit codes + a few float32
 
     W_hat = absmax[block] * levels[code]          (levels: NF4 by default)
 
@@ -12,9 +13,10 @@ so a parameter costs 4 + 32/64 = 4.5 bits, or 4 + 8/64 + 32/(64 * 256) = 4.127 b
 double quantization. The layout matches bitsandbytes' quantize_4bit(quant_type="nf4"):
 codes, scales and the dequantized tensor are bit-identical, double-quantized scales too
 with dq_rounding="lut" (tests/test_nf4_parity.py).
-Production kernels dequantize block by block inside the matmul; here dequantize()
-rebuilds the whole tensor, which is what a reader needs to see (benchmarks/nf4.py times
-it against bitsandbytes).
+bitsandbytes 0.50.2 can dequantize inside the matmul on a CUDA GPU (a fused kernel, for
+inputs of few rows) and otherwise rebuilds the whole tensor too; here dequantize() always
+rebuilds it, which is what a reader needs to see (benchmarks/nf4.py times it against
+bitsandbytes).
 """
 
 from __future__ import annotations

@@ -126,6 +126,12 @@ def run_one(job):
     return key, {"group": group, **record}, updates, truncated
 
 
+def excess_kurtosis(x: torch.Tensor) -> float:
+    """E[z^4] - 3 of the standardised values: 0 for a normal distribution, > 0 for heavier tails."""
+    z = (x - x.mean()) / x.std(correction=0)
+    return (z ** 4).mean().item() - 3
+
+
 def weight_statistics() -> dict:
     """Excess kurtosis of each pretrained linear weight, and a histogram of w / c, c = absmax of its block."""
     model = pretrained_model()
@@ -133,8 +139,7 @@ def weight_statistics() -> dict:
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and name != "lm_head":
             w = m.weight.detach().double().flatten()
-            z = (w - w.mean()) / w.std(correction=0)
-            kurtosis[name] = (z ** 4).mean().item() - 3
+            kurtosis[name] = excess_kurtosis(w)
             blocks = torch.nn.functional.pad(w, (0, -w.numel() % BLOCK)).view(-1, BLOCK)  # [n_blocks, 64]
             share = blocks / blocks.abs().amax(dim=1, keepdim=True)
             scaled.append(share.flatten()[: w.numel()])
@@ -142,8 +147,7 @@ def weight_statistics() -> dict:
     counts = torch.histc(scaled, bins=100, min=-1, max=1)
     pooled = torch.cat([m.weight.detach().double().flatten() for name, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear) and name != "lm_head"])
-    z = (pooled - pooled.mean()) / pooled.std(correction=0)
-    return {"kurtosis": kurtosis, "kurtosis_pooled": (z ** 4).mean().item() - 3, "block": BLOCK,
+    return {"kurtosis": kurtosis, "kurtosis_pooled": excess_kurtosis(pooled), "block": BLOCK,
             "scaled_histogram": [int(c) for c in counts.tolist()], "n": scaled.numel()}
 
 

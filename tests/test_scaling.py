@@ -291,3 +291,34 @@ def test_committed_sweeps_equal_a_quick_rerun(tmp_path):
                                    for g in groups)
     assert set(stored["subspace"]["full_spectrum"]) == set(stored["subspace"]["full_truncated"]) == {f"seed={s}" for s in seeds}
     assert DATA.stat().st_size < 200_000
+
+
+def test_seeds_reads_settings_seed_by_seed_and_compares_them_paired():
+    from lora_edu.experiments import seeds
+
+    runs = [{"group": "g", "r": r, "seed": s, "final": 1.0 / r + 0.01 * s} for r in (4, 8) for s in (1, 2, 3)]
+    four, eight = (seeds.per_seed(runs, "g", seeds=[1, 2, 3], r=r) for r in (4, 8))
+    assert four == {1: 0.26, 2: 0.27, 3: 0.28} and seeds.below(eight, four) and not seeds.below(four, eight)
+    assert math.isclose(seeds.mean(four), 0.27) and math.isclose(seeds.spread(four), 0.02)
+    assert seeds.mean([1, 2]) == 1.5 and seeds.show(four) == "0.270 [0.020]" and seeds.show(four, 4) == "0.2700 [0.0200]"
+    # a paired comparison holds with a gap smaller than the spread, as long as every seed agrees
+    assert seeds.below({1: 0.5, 2: 0.7}, {1: 0.51, 2: 0.71})
+    with pytest.raises(ValueError, match="expected"):
+        seeds.per_seed(runs, "g", seeds=[1, 2, 3])  # r left out: six runs for three seeds
+    with pytest.raises(ValueError, match="same seeds"):
+        seeds.below({1: 0.0}, {2: 1.0})
+    with pytest.raises(ValueError, match="no stored runs"):
+        seeds.mean(seeds.per_seed(runs, "other"))
+
+
+def test_top_k_share_and_rank_for_share_read_singular_values():
+    from lora_edu.experiments.subspace import rank_for_share, top_k_share
+
+    values = [3.0, 2.0, 1.0]  # sigma^2: 9, 4, 1 of 14
+    assert math.isclose(top_k_share(values, 1), 9 / 14) and math.isclose(top_k_share(values, 3), 1.0)
+    assert [rank_for_share(values, s) for s in (0.5, 0.9, 0.95, 1.0)] == [1, 2, 3, 3]
+    assert rank_for_share([1.0, 1.0], 0.5) == 1  # exactly half in the first direction
+    with pytest.raises(ValueError, match="share must be"):
+        rank_for_share(values, 0)
+    with pytest.raises(ValueError, match="zero"):
+        top_k_share([0.0, 0.0], 1)

@@ -24,16 +24,34 @@ def singular_values(delta: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(delta.double())
 
 
+def _power(values) -> torch.Tensor:
+    """sigma^2 of singular values (a tensor or a list, largest first), checked to be non-zero."""
+    power = torch.as_tensor(values, dtype=torch.float64).square()
+    if power.sum() == 0:
+        raise ValueError("the update is zero: it has no singular directions to share")
+    return power
+
+
+def top_k_share(values, k: int) -> float:
+    """Share of sum(sigma^2) in the top k of these singular values (largest first)."""
+    power = _power(values)
+    if not 1 <= k <= power.numel():
+        raise ValueError(f"k must be between 1 and min(out, in) = {power.numel()}, got {k}")
+    return (power[:k].sum() / power.sum()).item()
+
+
+def rank_for_share(values, share: float = 0.9) -> int:
+    """The fewest top singular directions that hold `share` of sum(sigma^2)."""
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    power = _power(values)
+    cumulative = power.cumsum(0) / power.sum()
+    return int((cumulative < share * (1 - 1e-12)).sum().item()) + 1
+
+
 def energy_share(delta: torch.Tensor, k: int) -> float:
     """Share of ||dW||_F^2 that the best rank-k approximation keeps: sum of the top k sigma^2 over all."""
-    sv = singular_values(delta)
-    if not 1 <= k <= sv.numel():
-        raise ValueError(f"k must be between 1 and min(out, in) = {sv.numel()}, got {k}")
-    power = sv.square()
-    total = power.sum()
-    if total == 0:
-        raise ValueError("the update is zero: it has no singular directions to share")
-    return (power[:k].sum() / total).item()
+    return top_k_share(singular_values(delta), k)
 
 
 def top_directions(delta: torch.Tensor, k: int) -> torch.Tensor:

@@ -11,9 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from _adapter_files import rewrite
 from _models import (assert_unchanged, make_model, names_ending_with, randomise_adapters_, snapshot,
                      token_ids)
-from lora_edu import (DoRALinear, LoRALinear, adapter_modules, inject_lora, load_adapter, merge_lora,
+from lora_edu import (AdapterFileError, DoRALinear, LoRALinear, adapter_modules, inject_lora, load_adapter, merge_lora,
                       read_adapter, save_adapter)
 
 TARGETS = ["q_proj", "fc1"]
@@ -217,6 +218,35 @@ def test_truncated_file(saved, tmp_path, cut):
         with pytest.raises(ValueError, match="truncated.safetensors"):
             load_adapter(model, bad)
         assert_unchanged(model, before)
+
+
+def _without(key):
+    return lambda tensors: {k: v for k, v in tensors.items() if k != key}
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_without("layers.1.mlp.fc1.lora_B"), r"holds tensors .*, the model expects .*'layers.1.mlp.fc1.lora_B'"),
+    (lambda t: {**t, "layers.0.attn.q_proj.base.weight": torch.zeros(16, 16)}, r"holds tensors .*q_proj.base.weight"),
+    (lambda t: {**t, "layers.0.attn.q_proj.lora_A": t["layers.0.attn.q_proj.lora_A"].to(torch.int64)},
+     r"non-float tensors \{'layers.0.attn.q_proj.lora_A': 'torch.int64'\}"),
+])
+def test_file_whose_tensors_do_not_make_the_adapter(saved, edit, match):
+    # the hash is recomputed (see _adapter_files), so the check reached is the tensor check
+    path, _ = saved
+    rewrite(path, tensors=edit)
+    for model, before in fresh_and_injected():
+        with pytest.raises(AdapterFileError, match=match):
+            load_adapter(model, path)
+        assert_unchanged(model, before)
+
+
+def test_save_refuses_layers_that_disagree_on_their_config(tmp_path):
+    model = trained()
+    layer = adapter_modules(model)["layers.0.attn.q_proj"]
+    layer.alpha, layer.scaling = 99.0, 99.0 / layer.r  # one layer with another alpha
+    with pytest.raises(ValueError, match=r"adapter layers disagree on their config .*'alpha': 99.0"):
+        save_adapter(model, tmp_path / "mixed.safetensors")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_safetensors_file_that_is_not_an_adapter(tmp_path):

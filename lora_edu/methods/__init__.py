@@ -1,5 +1,6 @@
 """The PEFT methods: layers that wrap a frozen base (LoRA, rsLoRA, DoRA), their hyper-parameters,
-putting them into a model by target name, and adapter files on disk (safetensors).
+putting them into a model by target name, and adapter files on disk (safetensors: lora_edu's own
+file, or HF PEFT's adapter folder).
 
 hparams.py is plain arithmetic (no torch); the layers, injection and files need torch.
 """
@@ -13,6 +14,7 @@ NAMES = {
     "inject_lora": "inject", "merge_lora": "inject", "unmerge_lora": "inject",
     "mark_only_lora_trainable": "inject", "count_trainable_params": "inject", "adapter_modules": "inject",
     "save_adapter": "adapters", "load_adapter": "adapters", "read_adapter": "adapters",
+    "AdapterFileError": "adapters", "read_peft_folder": "peft_files",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, NAMES)

@@ -4,13 +4,19 @@ A LoRA adapter for a 7B model is a few MB next to a 13 GB base, which is why ada
 shared on their own. safetensors stores raw tensors plus a JSON header, so loading one
 never runs code (unlike pickle, which torch.save uses).
 
-File layout: one tensor per adapter parameter, named "<module name>.<parameter>", e.g.
-"layers.0.q_proj.lora_A"; the metadata holds format, method, r, alpha, rslora, dropout
-and targets (the JSON list of adapted module names).
+Two layouts, one loader:
+- lora_edu's file: one tensor per adapter parameter, named "<module name>.<parameter>", e.g.
+  "layers.0.q_proj.lora_A"; the metadata holds format, method, r, alpha, rslora, dropout,
+  targets (the JSON list of adapted module names) and sha256, a hash of all of that and of
+  every tensor's bytes. safetensors has no checksum of its own, so without the hash a flipped
+  bit in a tensor loads silently. (Files of format v1, from before the hash, load unchecked.)
+- HF PEFT's folder (adapter_config.json + adapter_model.safetensors): see peft_files.py.
+load_adapter takes either (a file or a folder); save_adapter writes either (format=...).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -18,11 +24,118 @@ import torch
 from torch import nn
 
 from .dora import DoRALinear
+from .hparams import check_lora_hparams
 from .inject import adapter_modules, wrap_modules
 from .lora import LoRALinear
 
-FORMAT = "lora_edu.adapter.v1"
+FORMAT = "lora_edu.adapter.v2"  # v1 (before the content hash) still loads, unchecked
+OLD_FORMATS = ("lora_edu.adapter.v1",)
+HASH_KEY = "sha256"
 _CONFIG_KEYS = ("method", "r", "alpha", "rslora")  # must agree between file and model
+_METADATA_KEYS = {"format", *_CONFIG_KEYS, "dropout", "targets", HASH_KEY}  # exactly these, in v2
+FORMATS = ("lora_edu", "peft")
+
+
+class AdapterFileError(ValueError):
+    """An adapter file or folder that cannot be loaded as it is; the message names it and why."""
+
+
+# ------------------------------------------------------------------ reading and writing safetensors
+def content_hash(metadata: dict, tensors: dict, skip: str = HASH_KEY) -> str:
+    """sha256 over the metadata strings (all but the hash itself, `skip`) and every tensor's key,
+    dtype, shape and bytes, in sorted order, so that it does not depend on the order in the file."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in metadata if k != skip):
+        h.update(json.dumps([key, metadata[key]]).encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        h.update(json.dumps([key, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_safetensors(tensors: dict, path: str, metadata: dict) -> None:
+    """save_file into a temporary name, then rename: a failed save leaves no half-written file."""
+    from safetensors.torch import save_file
+
+    partial = path + ".partial"
+    try:
+        save_file(tensors, partial, metadata=metadata)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def read_safetensors(path: str) -> tuple[dict, dict]:
+    """(metadata, tensors) of a safetensors file, or an AdapterFileError naming the file.
+
+    safetensors checks the header (its length, the JSON, every tensor's offsets against the
+    file's size) before it reads any data, so a file that claims more than it holds fails
+    here without allocating; a pickle (torch.save's .bin/.pt) is recognised and never opened.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if os.path.isdir(path):
+        raise AdapterFileError(f"{path!r} is a folder; a lora_edu adapter is one .safetensors file "
+                               "(a PEFT adapter folder holds adapter_config.json: pass that folder to load_adapter)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no adapter file at {path!r}; save one with save_adapter(model, path)")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] != b"{" and (head.startswith(b"\x80") or head.startswith(b"PK\x03\x04")):
+        raise AdapterFileError(f"{path!r} is a pickle (torch.save) file, not safetensors. lora_edu never "
+                               "unpickles: loading a pickle can run any code. Convert it to safetensors "
+                               "where you trust its source, e.g. with PEFT's save_pretrained.")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise AdapterFileError(f"{path!r} is not a readable safetensors adapter file (truncated or "
+                               f"corrupt?): {err}") from err
+    return metadata, tensors
+
+
+def check_hash(metadata: dict, tensors: dict, path: str, key: str = HASH_KEY) -> None:
+    """Raise if the file records a content hash (under `key`) that its contents no longer match.
+    A file without one (PEFT's own, or saved before hashes) is not checked."""
+    if key in metadata and content_hash(metadata, tensors, skip=key) != metadata[key]:
+        raise AdapterFileError(f"{path!r} does not match the content hash recorded when it was saved: "
+                               "the file was changed or corrupted since. Save the adapter again from "
+                               "its model, or fetch a fresh copy of the file.")
+
+
+def check_config(config: dict, path: str) -> dict:
+    """The config, if every value has the right type and range; an AdapterFileError otherwise."""
+    try:
+        check_lora_hparams(config["r"], config["alpha"], config["dropout"])
+    except (TypeError, ValueError) as err:
+        raise AdapterFileError(f"{path!r} records an invalid adapter config: {err}") from None
+    if config["method"] not in ("lora", "dora"):
+        raise AdapterFileError(f"{path!r} has unknown method {config['method']!r}; lora_edu loads 'lora' and 'dora'")
+    if not isinstance(config["rslora"], bool):
+        raise AdapterFileError(f"{path!r} records rslora={config['rslora']!r}; it must be true or false")
+    targets = config["targets"]
+    if not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+        raise AdapterFileError(f"{path!r} records targets={targets!r}; it must be a non-empty list of module names")
+    if config["method"] == "dora" and config["dropout"]:
+        raise AdapterFileError(f"{path!r} is a DoRA adapter with dropout={config['dropout']}; lora_edu's "
+                               "DoRALinear has no dropout")
+    return config
+
+
+# ------------------------------------------------------------------ lora_edu's own file
+def adapter_state(model: nn.Module) -> tuple[dict, dict]:
+    """(config, tensors) of the model's adapters, keyed "<module>.<parameter>", ready to save."""
+    layers = adapter_modules(model)
+    config = _shared_config(layers)
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("the adapters are merged into the base weights; call unmerge_lora(model) "
+                         "before save_adapter so the file holds the adapter, not a mixture")
+    tensors = {f"{name}.{p}": getattr(layer, p).detach().contiguous().cpu()
+               for name, layer in layers.items() for p in layer.adapter_parameter_names}
+    return {**config, "targets": sorted(layers)}, tensors
 
 
 def _shared_config(layers: dict) -> dict:
@@ -38,46 +151,46 @@ def _shared_config(layers: dict) -> dict:
     return first
 
 
-def save_adapter(model: nn.Module, path) -> None:
-    """Write the adapter tensors and config of `model` to `path` (safetensors)."""
-    from safetensors.torch import save_file
-
-    layers = adapter_modules(model)
-    config = _shared_config(layers)
-    if any(layer.merged for layer in layers.values()):
-        raise ValueError("the adapters are merged into the base weights; call unmerge_lora(model) "
-                         "before save_adapter so the file holds the adapter, not a mixture")
-    tensors = {f"{name}.{p}": getattr(layer, p).detach().contiguous().cpu()
-               for name, layer in layers.items() for p in layer.adapter_parameter_names}
-    metadata = {"format": FORMAT, "targets": json.dumps(sorted(layers))}
-    metadata.update({k: json.dumps(v) for k, v in config.items()})
-    save_file(tensors, os.fspath(path), metadata=metadata)
+def save_adapter(model: nn.Module, path, format: str = "lora_edu") -> None:
+    """Write the adapters of `model` to `path`: one safetensors file (format="lora_edu"), or
+    a folder that HF PEFT's PeftModel.from_pretrained reads (format="peft")."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    path = os.fspath(path)
+    config, tensors = adapter_state(model)
+    if format == "peft":
+        from .peft_files import write_peft_folder
+        return write_peft_folder(config, tensors, path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a folder; give a file name such as adapter.safetensors "
+                         "(or format='peft' to write a PEFT adapter folder)")
+    metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in config.items()}}
+    metadata[HASH_KEY] = content_hash(metadata, tensors)
+    write_safetensors(tensors, path, metadata)
 
 
 def read_adapter(path) -> tuple[dict, dict]:
-    """(config, tensors) from an adapter file, with a clear error for anything malformed."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
+    """(config, tensors) from a lora_edu adapter file, with a clear error for anything malformed."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no adapter file at {path!r}; save one with save_adapter(model, path)")
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path!r} is not a readable safetensors adapter file (truncated or corrupt?): {err}") from err
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path!r} is not a lora_edu adapter (metadata format={metadata.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+    metadata, tensors = read_safetensors(path)
+    if metadata.get("format") not in (FORMAT, *OLD_FORMATS):
+        hint = (" It looks like PEFT's adapter_model.safetensors: pass its folder to load_adapter."
+                if metadata.get("format") == "pt" else "")
+        raise AdapterFileError(f"{path!r} is not a lora_edu adapter (metadata format="
+                               f"{metadata.get('format')!r}, expected {FORMAT!r}).{hint}")
+    if metadata["format"] == FORMAT and set(metadata) != _METADATA_KEYS:
+        raise AdapterFileError(f"{path!r} has metadata keys {sorted(metadata)}, a {FORMAT} file has exactly "
+                               f"{sorted(_METADATA_KEYS)} (the file was changed or corrupted since it was saved)")
+    check_hash(metadata, tensors, path)
     try:
         config = {k: json.loads(metadata[k]) for k in (*_CONFIG_KEYS, "dropout", "targets")}
     except (KeyError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path!r} has an incomplete adapter config in its metadata: {err}") from err
-    return config, tensors
+        raise AdapterFileError(f"{path!r} has an incomplete adapter config in its metadata: "
+                               f"{type(err).__name__} {err}") from None
+    return check_config(config, path), tensors
 
 
+# ------------------------------------------------------------------ loading into a model
 def _layers_for_file(model: nn.Module, config: dict, path: str) -> dict:
     """The adapter layers the file must fit: the model's own, or (if it has none) stand-ins on
     the meta device built from the file's config, so that nothing real is allocated or changed."""
@@ -87,43 +200,55 @@ def _layers_for_file(model: nn.Module, config: dict, path: str) -> dict:
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     missing = [t for t in config["targets"] if t not in linears]
     if missing:
-        raise ValueError(f"adapter file {path!r} adapts {missing}, which are not nn.Linear layers of this model")
+        raise AdapterFileError(f"adapter file {path!r} adapts {missing}, which are not nn.Linear layers "
+                               "of this model")
     cls = DoRALinear if config["method"] == "dora" else LoRALinear
     kwargs = {} if config["method"] == "dora" else {"dropout": config["dropout"]}
-    return {name: cls(nn.Linear(linears[name].in_features, linears[name].out_features, device="meta"),
-                      r=config["r"], alpha=config["alpha"], rslora=config["rslora"], **kwargs)
-            for name in config["targets"]}
+    try:
+        return {name: cls(nn.Linear(linears[name].in_features, linears[name].out_features, device="meta"),
+                          r=config["r"], alpha=config["alpha"], rslora=config["rslora"], **kwargs)
+                for name in config["targets"]}
+    except (TypeError, ValueError, RuntimeError) as err:  # e.g. an r too large for any tensor
+        raise AdapterFileError(f"adapter file {path!r} records r={config['r']!r}, which no layer of "
+                               f"this model can take: {type(err).__name__}") from None
 
 
 def _check_fits(config: dict, tensors: dict, layers: dict, path: str) -> None:
     """Raise unless the file's config, modules and tensor shapes are exactly the layers'."""
-    if config["method"] not in ("lora", "dora"):
-        raise ValueError(f"adapter file {path!r} has unknown method {config['method']!r}")
     model_config = _shared_config(layers)
     diff = {k: (config[k], model_config[k]) for k in _CONFIG_KEYS if config[k] != model_config[k]}
     if diff:
-        raise ValueError(f"adapter file {path!r} was saved with another config; (file, model) = {diff}. "
-                         "Inject with the file's settings, or load into a fresh base model.")
+        raise AdapterFileError(f"adapter file {path!r} was saved with another config; (file, model) = {diff}. "
+                               "Inject with the file's settings, or load into a fresh base model.")
     if sorted(config["targets"]) != sorted(layers):
-        raise ValueError(f"adapter file {path!r} adapts {config['targets']}, the model has adapters on "
-                         f"{sorted(layers)}")
+        raise AdapterFileError(f"adapter file {path!r} adapts {config['targets']}, the model has adapters on "
+                               f"{sorted(layers)}")
     expected = {f"{n}.{p}": tuple(getattr(layer, p).shape)
                 for n, layer in layers.items() for p in layer.adapter_parameter_names}
     if set(expected) != set(tensors):
-        raise ValueError(f"adapter file {path!r} holds tensors {sorted(tensors)}, the model expects {sorted(expected)}")
+        raise AdapterFileError(f"adapter file {path!r} holds tensors {sorted(tensors)}, the model expects "
+                               f"{sorted(expected)}")
     wrong = {k: (tuple(t.shape), expected[k]) for k, t in tensors.items() if tuple(t.shape) != expected[k]}
     if wrong:
-        raise ValueError(f"adapter file {path!r} was saved for other layer shapes; (file, model) = {wrong}")
+        raise AdapterFileError(f"adapter file {path!r} was saved for other layer shapes; (file, model) = {wrong}")
+    if not all(t.is_floating_point() for t in tensors.values()):
+        raise AdapterFileError(f"adapter file {path!r} holds non-float tensors "
+                               f"{ {k: str(t.dtype) for k, t in tensors.items() if not t.is_floating_point()} }")
 
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
-    """Load an adapter file into `model`, bit-exactly; returns `model`.
+    """Load an adapter into `model`, bit-exactly; returns `model`.
 
-    If the model has no adapter layers yet, they are injected first with the file's config
-    (on exactly the modules the file names). Every check runs before anything is changed.
+    `path` is a lora_edu adapter file or a PEFT adapter folder. If the model has no adapter
+    layers yet, they are injected first with the file's config (on exactly the modules the
+    file names). Every check runs before anything is changed.
     """
     path = os.fspath(path)
-    config, tensors = read_adapter(path)
+    if os.path.isdir(path):
+        from .peft_files import read_peft_folder
+        config, tensors = read_peft_folder(path)
+    else:
+        config, tensors = read_adapter(path)
     if any(layer.merged for layer in adapter_modules(model).values()):
         raise ValueError("the model's adapters are merged; call unmerge_lora(model) before load_adapter")
     _check_fits(config, tensors, _layers_for_file(model, config, path), path)

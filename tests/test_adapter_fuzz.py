@@ -148,10 +148,20 @@ def forged(path, header: dict, data: bytes = b"", declared_length: int | None = 
     return path
 
 
+def place(tmp_path, where):
+    """(what load_adapter is given, the safetensors file to forge): a lone file, or the weights
+    of an otherwise valid PEFT folder."""
+    if where == "file":
+        return tmp_path / "forged.safetensors", tmp_path / "forged.safetensors"
+    save_adapter(adapted(), tmp_path / "adapter", format="peft")
+    return tmp_path / "adapter", tmp_path / "adapter" / "adapter_model.safetensors"
+
+
+@pytest.mark.parametrize("where", ["file", "peft folder"])
 @pytest.mark.parametrize("case", ["tensor of 400 GB", "header of 2**62 bytes", "offsets past the end",
                                   "overlapping tensors", "unknown dtype"])
-def test_forged_header_is_refused(tmp_path, case):
-    meta = {"format": FORMAT}
+def test_forged_header_is_refused(tmp_path, case, where):
+    meta = {"format": FORMAT if where == "file" else "pt"}
     small = {"dtype": "F32", "shape": [1, 4], "data_offsets": [0, 16]}
     header, length = {"__metadata__": meta, "q_proj.lora_A": small}, None
     if case == "tensor of 400 GB":
@@ -164,8 +174,9 @@ def test_forged_header_is_refused(tmp_path, case):
         header["q_proj.lora_B"] = {"dtype": "F32", "shape": [4, 1], "data_offsets": [8, 24]}
     else:
         header["q_proj.lora_A"] = dict(small, dtype="F17")
-    path = forged(tmp_path / "forged.safetensors", header, bytes(16), length)
-    assert_refused(path, path)
+    path, weights = place(tmp_path, where)
+    forged(weights, header, bytes(16), length)
+    assert_refused(path, weights)
 
 
 def test_forged_header_allocates_nothing_near_its_claim(tmp_path):
@@ -247,13 +258,13 @@ def test_files_from_before_the_hash_still_load(tmp_path):
 
 
 # ------------------------------------------------------------------ pickles are never opened
-@pytest.mark.parametrize("name", ["adapter.bin", "adapter.pt", "adapter.safetensors"])
+@pytest.mark.parametrize("name", ["adapter.bin", "adapter.pt", "adapter.safetensors", "in a peft folder"])
 @pytest.mark.parametrize("zipped", [True, False])
 def test_pickle_given_for_safetensors(tmp_path, monkeypatch, name, zipped):
     import pickle
 
-    path = tmp_path / name
-    torch.save({"q_proj.lora_A": torch.zeros(1, 4)}, path, _use_new_zipfile_serialization=zipped)
+    path, weights = place(tmp_path, "peft folder") if name == "in a peft folder" else (tmp_path / name,) * 2
+    torch.save({"q_proj.lora_A": torch.zeros(1, 4)}, weights, _use_new_zipfile_serialization=zipped)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("lora_edu must never unpickle")
@@ -261,7 +272,7 @@ def test_pickle_given_for_safetensors(tmp_path, monkeypatch, name, zipped):
         monkeypatch.setattr(owner, attr, forbidden)
     assert_refused(path, "is a pickle (torch.save) file, not safetensors. lora_edu never unpickles")
     with pytest.raises(AdapterFileError, match="is a pickle"):
-        read_adapter(path)
+        read_adapter(weights)
 
 
 BANNED_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}

@@ -332,3 +332,17 @@ def test_exporting_leaves_the_model_alone(tmp_path):
     before = snapshot(ours)
     save_adapter(ours, tmp_path / "adapter", format="peft")
     assert_unchanged(ours, before)
+
+
+def test_qlora_adapter_travels_through_the_peft_format(tmp_path):
+    # a QLoRA model's adapters are float32 LoRA tensors like any other: the same folder carries them
+    from lora_edu import prepare_qlora
+
+    source = prepare_qlora(make_model(0), TARGETS, r=R, alpha=ALPHA, skip=())
+    for m in adapter_modules(source).values():
+        torch.nn.init.normal_(m.lora_B, std=0.1)
+    save_adapter(source, tmp_path / "adapter", format="peft")
+    target = prepare_qlora(make_model(0), TARGETS, r=R, alpha=ALPHA, skip=())
+    load_adapter(target, tmp_path / "adapter")
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k

@@ -9,7 +9,7 @@ from __future__ import annotations
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_edu.methods.adapters import HASH_KEY, content_hash
+from lora_edu.methods.safe_files import HASH_KEY, content_hash
 
 
 def rewrite(path, tensors=None, **metadata_changes):

@@ -14,7 +14,7 @@ NAMES = {
     "inject_lora": "inject", "merge_lora": "inject", "unmerge_lora": "inject",
     "mark_only_lora_trainable": "inject", "count_trainable_params": "inject", "adapter_modules": "inject",
     "save_adapter": "adapters", "load_adapter": "adapters", "read_adapter": "adapters",
-    "AdapterFileError": "adapters", "read_peft_folder": "peft_files",
+    "AdapterFileError": "safe_files", "read_peft_folder": "peft_files",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, NAMES)

@@ -22,8 +22,8 @@ import os
 import re
 import warnings
 
-from .adapters import (HASH_KEY, AdapterFileError, check_config, check_hash, content_hash, read_safetensors,
-                       write_safetensors)
+from .safe_files import (HASH_KEY, AdapterFileError, check_config, check_hash, content_hash, read_safetensors,
+                         write_safetensors)
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's LoraModel wraps the user's model as .base_model.model

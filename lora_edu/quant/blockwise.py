@@ -78,7 +78,7 @@ def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 def scale_blocks(blocks: torch.Tensor, numel: int):
     """Divide each block by its absmax and clamp to [-1, 1]; return (scaled, absmax [n_blocks])."""
-    absmax = blocks.abs().amax(dim=1)  # [n_blocks], c_b, stored unclamped
+    absmax = blocks.abs().amax(dim=1)  # [n_blocks], c_b, stored unclamped (full blocks)
     safe = absmax.clamp(min=MIN_ABSMAX)  # [n_blocks]
     scaled = blocks * (1.0 / safe)[:, None]  # [n_blocks, block_size]
     if numel % blocks.shape[1]:
@@ -86,6 +86,9 @@ def scale_blocks(blocks: torch.Tensor, numel: int):
         # 1 / c_b; the two can differ in the last bit and flip a value sitting on a
         # midpoint, so do the same to keep every code identical.
         scaled[-1] = blocks[-1] / safe[-1]
+        # It also stores that block's scale clamped (1e-38 for an all-zero ragged block),
+        # the full blocks' unclamped; store the same (tests/test_properties_nf4.py).
+        absmax[-1] = safe[-1]
     return scaled.clamp_(-1.0, 1.0), absmax
 
 
@@ -116,7 +119,8 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, levels: torc
     if n % block_size:  # (padding copies the tensor, so only when there is a ragged block)
         values = F.pad(values, (0, -n % block_size))
     values = values.view(-1, block_size)  # [n_blocks, n_b]
-    # An all-zero block has absmax 0 (never clamped), so it reads back as zeros, not NaN.
+    # An all-zero block has absmax 0 (or 1e-38, if it is the ragged last one) and code 0.0,
+    # so it reads back as zeros, not NaN.
     return (values * absmax[:, None]).view(-1)[:n]  # [n]
 
 

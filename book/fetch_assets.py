@@ -4,6 +4,10 @@ The built pages load MathJax (maths), require.js and the ipywidgets HTML manager
 (saved widget state) from the site itself, never from a CDN, so the book works offline
 and the browser test can forbid every request to another host.
 
+The browser test's accessibility checker, axe-core, is fetched the same way but into
+.cache/test-assets/, outside the published site: readers never load it, and
+tests/test_site.py injects it into each page it audits.
+
 Each package is fetched with the ordinary npm client (`npm pack NAME@VERSION`) into
 .cache/npm/, checked against its pinned sha512 integrity, and only the files the pages
 need are extracted. A stamp file makes a second run a no-op.
@@ -25,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "npm"
 DEST = Path(__file__).resolve().parent / "_static" / "offline"
+TEST_DEST = ROOT / ".cache" / "test-assets"
 STAMP = DEST / "fetched.json"
 
 # name@version -> (sha512 integrity of the tarball, {member prefix: destination folder}).
@@ -63,6 +68,15 @@ PACKAGES = {
             "package/dist/*.eot": "html-manager",
             "package/dist/*.svg": "html-manager",
         },
+    ),
+}
+
+# The same shape, for tools only the tests load (extracted under TEST_DEST).
+TEST_PACKAGES = {
+    # axe-core: the accessibility rules tests/test_site.py runs on every page.
+    "axe-core@4.14.1": (
+        "sha512-FHfa+lmNjQZfJz1q8wKqIDwC6DExcHt/pkjNQb09a3NPjCKg2rhu5qb2S4r76ASyFNNtuFooJpZe37OgudVGtQ==",
+        {"package/axe.min.js": "axe-core", "package/LICENSE": "axe-core"},
     ),
 }
 
@@ -105,14 +119,14 @@ def wanted(member: str, rules: dict) -> str | None:
     return None
 
 
-def extract(path: Path, rules: dict) -> int:
+def extract(path: Path, rules: dict, dest: Path) -> int:
     count = 0
     with tarfile.open(path) as tar:
         for member in tar.getmembers():
             rel = wanted(member.name, rules) if member.isfile() else None
             if rel is None:
                 continue
-            target = DEST / rel
+            target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             with tar.extractfile(member) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst)
@@ -121,16 +135,19 @@ def extract(path: Path, rules: dict) -> int:
 
 
 def main() -> None:
-    pins = {spec: sha for spec, (sha, _) in PACKAGES.items()}
-    if STAMP.exists() and json.loads(STAMP.read_text()) == pins:
-        print(f"offline assets up to date in {DEST.relative_to(ROOT)}")
+    groups = [(DEST, PACKAGES), (TEST_DEST, TEST_PACKAGES)]
+    pins = {spec: sha for _, packages in groups for spec, (sha, _) in packages.items()}
+    if (STAMP.exists() and json.loads(STAMP.read_text()) == pins
+            and all(dest.is_dir() for dest, _ in groups)):
+        print(f"offline assets up to date in {DEST.relative_to(ROOT)} and {TEST_DEST.relative_to(ROOT)}")
         return
-    print(f"fetching offline assets into {DEST.relative_to(ROOT)}")
-    if DEST.exists():
-        shutil.rmtree(DEST)  # start clean so no file of an older pin lingers
-    for spec, (sha, rules) in PACKAGES.items():
-        n = extract(tarball(spec, sha), rules)
-        print(f"  {spec}: {n} files")
+    for dest, packages in groups:
+        print(f"fetching offline assets into {dest.relative_to(ROOT)}")
+        if dest.exists():
+            shutil.rmtree(dest)  # start clean so no file of an older pin lingers
+        for spec, (sha, rules) in packages.items():
+            n = extract(tarball(spec, sha), rules, dest)
+            print(f"  {spec}: {n} files")
     STAMP.write_text(json.dumps(pins, indent=1) + "\n")
     print("done")
 

@@ -3,12 +3,14 @@
 #   bash scripts/build_book.sh
 # 1. a virtual environment in .venv with the pins of requirements.txt and lora_edu;
 # 2. book/fetch_assets.py: pinned MathJax, require.js and the ipywidgets HTML manager,
-#    fetched with `npm pack` into book/_static/offline/ so the pages load nothing from a CDN;
+#    fetched with `npm pack` into book/_static/offline/ so the pages load nothing from a CDN
+#    (and axe-core, which only the browser test loads, into .cache/test-assets/);
 # 3. jupyter-book, re-reading every page (--all) so that every warning shows, with
 #    warnings as errors (-W -n --keep-going): the script exits non-zero on any warning.
 # There is no separate post-processing step: book/_ext/offline_pages.py (a Sphinx hook
 # listed in _config.yml) drops the one CDN stylesheet matplotlib's to_jshtml links and
-# fails the build if any page would still load something from another host.
+# fails the build if any page would still load something from another host, and
+# book/_ext/accessible_pages.py fixes what the accessibility audit found in generated markup.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

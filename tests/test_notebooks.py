@@ -86,3 +86,44 @@ def test_page_title_has_no_maths(path):
     first = next(_source(c) for c in _cells(path) if c["cell_type"] == "markdown")
     title = next(line for line in first.splitlines() if line.startswith("# "))
     assert "$" not in title, f"{path.name}: write the title in plain text or Unicode, not maths: {title}"
+
+
+def _alt_texts(path):
+    """(cell index, alt text) of every figure's alt (cell metadata) and frame player's FRAME_ALT."""
+    for i, cell in enumerate(_cells(path)):
+        alt = cell.get("metadata", {}).get("mystnb", {}).get("image", {}).get("alt")
+        if alt:
+            yield i, alt
+        match = re.search(r"FRAME_ALT = \(([^)]*)\)", _source(cell))
+        if match:
+            yield i, "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', match.group(1)))
+
+
+def _text_outputs(path):
+    """Everything a reader can read in the notebook besides the alt texts: sources, text outputs."""
+    parts = []
+    for cell in _cells(path):
+        parts.append(_source(cell))
+        for out in cell.get("outputs", []):
+            parts.append("".join(out.get("text", "")))
+            for kind in ("text/plain", "text/markdown"):
+                parts.append("".join(out.get("data", {}).get(kind, "")))
+    return "\n".join(parts)
+
+
+NUMBER = re.compile(r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?")  # 8, 0.824, 2,048
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_numbers_in_alt_texts_are_the_chapters_own(path):
+    """An alt text is prose the reader hears: each number in it must be one the notebook computes
+    and shows (in a text output) or sets (in its code), so that a re-run which moves a figure
+    cannot leave a stale number behind in the alt text. Numbers are compared as written."""
+    shown = set(NUMBER.findall(_text_outputs(path)))
+    stale = [(i, n) for i, alt in _alt_texts(path) for n in NUMBER.findall(alt) if n not in shown]
+    assert stale == []
+
+
+def test_the_alt_text_number_check_sees_a_number_it_does_not_know():
+    assert NUMBER.findall("from 1.454 at r = 1 to 0.806, 2,048 tokens, 46%, r = 1024, x2") == \
+        ["1.454", "1", "0.806", "2,048", "46", "1024"]

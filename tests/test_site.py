@@ -4,8 +4,11 @@ The site is served on 127.0.0.1 and opened in headless Debian chromium; every re
 any other host is recorded and aborted, so a passing run proves the pages need no CDN.
 Checks, for every page listed in _toc.yml: no console errors and no failed requests;
 maths typeset by the local MathJax; Colab and .ipynb download links on notebook pages;
-scripts served by the site itself. On the first chapter, the kernel-free slider of
-matplotlib's to_jshtml animation changes the frame shown.
+scripts served by the site itself; no serious or critical accessibility violation found by
+axe-core (injected from .cache/test-assets/, where book/fetch_assets.py puts it); every
+image with alt text that says what it shows. On the first chapter, the kernel-free slider of
+matplotlib's to_jshtml animation changes the frame shown; on every chapter, that player
+works from the keyboard and names its controls.
 
 Build first (scripts/build_book.sh), then: pytest tests/test_site.py
 """
@@ -13,6 +16,7 @@ Build first (scripts/build_book.sh), then: pytest tests/test_site.py
 import functools
 import os
 import http.server
+import re
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
@@ -30,6 +34,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--no-first-run",
 ]
 HOST = "127.0.0.1"
+AXE = ROOT / ".cache" / "test-assets" / "axe-core" / "axe.min.js"  # book/fetch_assets.py fetches it
 
 
 # ---------------------------------------------------------------- the book's own config
@@ -132,6 +137,34 @@ class Visit:
     def script_srcs(self) -> list[str]:
         return self.page.eval_on_selector_all("script[src]", "els => els.map(e => e.src)")
 
+    def axe_violations(self) -> list[dict]:
+        """axe-core's violations of its default rules (WCAG 2.0-2.2 A and AA, best practices), once.
+
+        Most of axe's time here goes to color-contrast on highlighted code: a chapter has 5,000 to
+        10,000 code tokens but only about 7 distinct pairs of text style and background among them.
+        One token of each pair is checked for contrast and the others, which would give the same
+        ratio, are marked data-axe-same-contrast and left out of that one rule (about a third less
+        time); every other rule, and color-contrast on all other text, sees every element.
+        """
+        if not hasattr(self, "_axe"):
+            assert AXE.is_file(), f"{AXE} is missing: run python book/fetch_assets.py (scripts/build_book.sh does)"
+            self.page.add_script_tag(path=str(AXE))
+            self._axe = self.page.evaluate("""async () => {
+                const seen = new Set(), bg = el => getComputedStyle(el).backgroundColor;
+                for (const token of document.querySelectorAll("div.highlight pre span")) {
+                    const s = getComputedStyle(token), pre = token.closest("pre");
+                    const key = [s.color, s.fontSize, s.fontWeight, s.opacity, bg(token), bg(token.parentElement),
+                                 bg(pre), bg(pre.parentElement)].join("|");
+                    if (seen.has(key)) token.setAttribute("data-axe-same-contrast", "");
+                    seen.add(key);
+                }
+                axe.configure({rules: [{id: "color-contrast", selector: "*:not([data-axe-same-contrast])"}]});
+                const result = await axe.run(document, {resultTypes: ["violations"]});
+                return result.violations.map(v => ({id: v.id, impact: v.impact, help: v.help,
+                    targets: v.nodes.map(n => n.target.join(" "))}));
+            }""")
+        return self._axe
+
 
 @pytest.fixture(scope="session")
 def visit(chromium, site_url):
@@ -208,3 +241,62 @@ def test_kernel_free_slider_changes_the_frame(visit):
     }""")
     after = image.evaluate("img => img.src")
     assert after and after != before, "moving the slider did not change the frame"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_no_serious_accessibility_violation(visit, page):
+    found = [v for v in visit(page).axe_violations() if v["impact"] in ("serious", "critical")]
+    assert not found, f"{page}: axe-core found\n" + "\n".join(
+        f"  {v['impact']} {v['id']} ({v['help']}): {len(v['targets'])} elements, e.g. {v['targets'][:3]}"
+        for v in found)
+
+
+# a file name, a path or a hash (myst-nb names images by their sha256) is not a description
+NOT_A_DESCRIPTION = re.compile(r"\.(png|jpe?g|gif|svg|webp)\b|_images/|[0-9a-f]{16}", re.IGNORECASE)
+
+
+def undescribed_images(page) -> list[str]:
+    """Every <img> of the page's text (as drawn, widgets and players included) whose alt says nothing.
+
+    The theme's icons outside the text (the Colab logo of the launch menu) are named by axe's rules.
+    """
+    images = page.eval_on_selector_all(
+        "article.bd-article img", "els => els.map(e => [e.getAttribute('alt'), e.outerHTML.slice(0, 100)])")
+    return [f"{html} (alt={alt!r})" for alt, html in images
+            if alt is None or len(alt.split()) < 5 or NOT_A_DESCRIPTION.search(alt)]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_image_says_what_it_shows(visit, page):
+    bad = undescribed_images(visit(page).page)
+    assert not bad, f"{page}: images without a description:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p.startswith("notebooks/")])
+def test_frame_player_works_from_the_keyboard_and_names_itself(visit, page):
+    tab = visit(page).page
+    players = tab.locator("div.animation")
+    if players.count() == 0:
+        pytest.skip(f"{page} has no frame player")
+    for k in range(players.count()):
+        player = players.nth(k)
+        assert player.get_attribute("role") == "group" and player.get_attribute("aria-label")
+        for name in ("First frame", "Previous frame", "Play", "Pause", "Next frame", "Last frame"):
+            assert player.get_by_role("button", name=name, exact=True).count() == 1, f"{page}: no button {name!r}"
+        slider = player.get_by_role("slider", name="Frame", exact=True)  # labelled, so found by its name
+        assert slider.count() == 1, f"{page}: the player's slider has no accessible name"
+        image = player.locator("img").first
+        tab.wait_for_function("s => Number(s.max) > 0", arg=slider.element_handle())
+        n = int(slider.get_attribute("max")) + 1
+        assert len(image.get_attribute("alt").split()) > 10, f"{page}: the frame's alt says little"
+        slider.focus()
+        tab.keyboard.press("Home")  # the native range input: Home goes to the first frame ...
+        first = image.evaluate("img => img.src")
+        assert f"Frame 1 of {n}" in image.get_attribute("alt")
+        tab.keyboard.press("ArrowRight")  # ... and the arrow keys step through the frames
+        assert image.evaluate("img => img.src") != first, f"{page}: the arrow key did not change the frame"
+        assert f"Frame 2 of {n}" in image.get_attribute("alt"), image.get_attribute("alt")
+        assert slider.get_attribute("aria-valuetext").startswith(f"Frame 2 of {n}")
+        player.get_by_role("button", name="Previous frame", exact=True).focus()
+        tab.keyboard.press("Enter")  # a focused button, pressed from the keyboard
+        assert image.evaluate("img => img.src") == first and f"Frame 1 of {n}" in image.get_attribute("alt")

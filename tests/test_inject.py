@@ -230,6 +230,18 @@ def test_empty_or_non_string_targets(targets):
     assert_unchanged(model, before)
 
 
+def test_exclude_removes_candidates_before_matching():
+    from lora_edu.methods.inject import resolve_targets
+
+    model = make_model()
+    assert resolve_targets(model, ["q_proj"]) == ["layers.0.attn.q_proj", "layers.1.attn.q_proj"]
+    assert resolve_targets(model, ["q_proj"], exclude=["layers.0.attn.q_proj"]) == ["layers.1.attn.q_proj"]
+    # a target left with nothing but excluded layers is an error, not an empty match
+    with pytest.raises(ValueError, match=r"\['head'\] matched no nn\.Linear") as err:
+        resolve_targets(model, ["head", "q_proj"], exclude=["head"])
+    assert "'head'" not in str(err.value).split("Linear layers in this model")[1]  # nor listed as a candidate
+
+
 def test_injecting_twice_is_an_error_and_changes_nothing():
     model = inject_lora(make_model(), ["q_proj"], r=R)
     randomise_adapters_(model)

@@ -56,7 +56,7 @@ def test_full_finetuning_is_16_bytes_per_param():
     led = estimate_memory(LLAMA_7B, "full")
     assert led.total == 16 * count_params(LLAMA_7B)
     assert round(led.total / GB, 1) == 107.8  # exact LLaMA-7B count
-    assert 16 * 7e9 / GB == 112  # the tutorial's round 7B
+    assert round(led.total / count_params(LLAMA_7B) * 7e9 / GB) == 112  # the tutorial's figure, for a round 7B
     assert (led.weights, led.gradients, led.master_weights, led.optimizer_states) == \
         tuple(b * count_params(LLAMA_7B) for b in (2, 2, 4, 8))
 
@@ -124,6 +124,19 @@ def test_adapter_conventions_on_qlora_65b():
     assert round(led["pure_bf16"].total / GB) == 41  # bf16 Adam states as well
     assert "(adapters bf16_fp32_states)" in led["bf16_fp32_states"].label
     assert "adapters" not in estimate_memory(LLAMA_65B, "qlora").label
+
+
+def test_adapter_policy_sets_the_adapters_bytes_whatever_the_base_policy():
+    # A pure bf16 base with float32 adapters (PEFT's upcast): the adapters' Adam m and v are
+    # float32, 8 bytes per adapter parameter, 67.1 MB for LLaMA-7B at r = 8 on q, k, v, o.
+    p_lora = lora_params_for(LLAMA_7B, ("q", "k", "v", "o"), 8)
+    led = estimate_memory(LLAMA_7B, "lora", policy="pure_bf16", adapter_policy="fp32")
+    assert led.lora_optimizer_states == 2 * 4 * p_lora and round(led.lora_optimizer_states / 1e6, 1) == 67.1
+    assert (led.lora_weights, led.lora_gradients, led.lora_master_weights) == (4 * p_lora, 4 * p_lora, 0)
+    assert led.weights == 2 * count_params(LLAMA_7B)  # the base follows the base policy
+    # and the other way round: a float32 base with bf16 adapters and bf16 states
+    led = estimate_memory(LLAMA_7B, "lora", policy="fp32", adapter_policy="pure_bf16")
+    assert led.lora_optimizer_states == 2 * 2 * p_lora and led.weights == 4 * count_params(LLAMA_7B)
 
 
 def test_only_float32_adapters_copy_their_inputs():

@@ -29,7 +29,7 @@ def _model(cfg, method, targets, checkpointing, dtype=torch.float32):
     model.gradient_checkpointing = checkpointing
     names = list(LLAMA_TARGETS) if targets == "all-linear" else [f"{t}_proj" for t in targets]
     if method == "qlora":
-        return prepare_qlora(model, names, r=4)
+        return prepare_qlora(model, names, r=4, compute_dtype=dtype)
     model.to(dtype)
     return inject_lora(model, names, r=4) if method == "lora" else model
 
@@ -54,6 +54,8 @@ CASES = [  # method, targets, checkpointing, batch, seq_len
     ("lora", "all-linear", True, 3, 32),
     ("lora", ("down",), False, 2, 8),  # nothing needs a gradient before the first down_proj
     ("lora", ("o", "up"), False, 2, 8),
+    ("lora", ("gate",), False, 2, 8),  # only the gate needs a gradient in silu(g) * u: u is kept, silu(g) not
+    ("lora", ("up",), False, 2, 8),  # and the other way round
 ]
 
 
@@ -76,6 +78,22 @@ def test_ledger_equals_a_16_bit_step_byte_for_byte(method, checkpointing):
         assert measured.master_weights == 2 * measured.weights == measured.optimizer_states / 2  # 2 + 4 + 8 bytes
     if method != "full" and not checkpointing:
         assert predicted.activation_terms["LoRA inputs (float32 copies)"] > 0
+
+
+def test_ledger_equals_a_pure_bf16_step_with_float32_adapters():
+    """A bf16 base with PEFT's float32 adapters: the adapters' weights, gradients and Adam states
+    are float32 (4 + 4 + 8 bytes) whatever the base policy, and each adapted layer keeps a float32
+    copy of its input."""
+    measured, predicted = _compare(WIDE, "lora", ("q", "v"), False, 2, 16, torch.bfloat16,
+                                   policy="pure_bf16", adapter_policy="fp32")
+    assert measured.terms() == {k: v for k, v in predicted.terms().items() if k != "recomputed_layer"}
+    assert measured.lora_optimizer_states == 2 * measured.lora_weights == 2 * measured.lora_gradients
+
+
+def test_ledger_equals_a_float32_qlora_step():
+    """QLoRA computing in float32: the NF4 codes and scales as in bf16, everything unquantized in 4 bytes."""
+    measured, predicted = _compare(WIDE, "qlora", ("q", "v"), False, 2, 16, torch.float32, policy="fp32")
+    assert measured.terms() == {k: v for k, v in predicted.terms().items() if k != "recomputed_layer"}
 
 
 def test_lora_saves_some_activations_and_checkpointing_saves_most():

@@ -3,7 +3,7 @@
 CI has no GPU, so the measurements cannot be re-run here. What can be checked: the stored
 predictions are what the current ledger says for each recorded setting (change the ledger
 and you must run `python code/measure_memory.py --repredict lora_edu/data/memory_gpu.json`),
-and every measured peak is within the issue's +-5% of its prediction.
+and every measured peak is within the issue's +-5% of what the current ledger predicts.
 """
 
 import json
@@ -30,8 +30,9 @@ def test_stored_prediction_is_the_current_ledger(run):
 
 
 @pytest.mark.parametrize("run", DATA["runs"], ids=lambda r: f"{r['size']}-{r['method']}-ckpt{r['checkpointing']}")
-def test_measured_peak_within_five_percent(run):
-    assert abs(run["measured"]["peak"] / run["predicted"]["total"] - 1) <= 0.05
+def test_measured_peak_within_five_percent_of_the_current_ledger(run):
+    # against the peak the ledger predicts now, not the prediction stored next to the measurement
+    assert abs(run["measured"]["peak"] / script["predict"](run)["total"] - 1) <= 0.05
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")

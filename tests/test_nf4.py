@@ -42,24 +42,36 @@ def test_nf4_levels_shape_and_symmetry_break():
     assert (lv > 0).sum() == 8 and (lv < 0).sum() == 7
 
 
+# The offset of the QLoRA reference code (the default of bitsandbytes.functional.create_normal_map),
+# written here rather than read from lora_edu, so that a changed constant fails.
+QLORA_OFFSET = 0.9677083
+
+
 def test_nf4_levels_are_rescaled_normal_quantiles():
-    # Independent of torch.special.ndtri: the standard library's inverse normal CDF on the
-    # same (float32) probability grid, normalised by the largest quantile.
+    # Built here by the documented construction, independently of the package: the standard
+    # library's inverse normal CDF at the float32 probability grids linspace(offset, 0.5, 9)
+    # and linspace(offset, 0.5, 8) without their 0.5 ends, mirrored, a 0 between, over the
+    # largest quantile. Tolerance: the package rounds each quantile and the largest one to
+    # float32 and divides in float32, three roundings of 2^-24 relative of a level <= 1.
     inv = NormalDist().inv_cdf
-    p9 = torch.linspace(NF4_OFFSET, 0.5, 9).tolist()[:-1]
-    p8 = torch.linspace(NF4_OFFSET, 0.5, 8).tolist()[:-1]
+    p9 = torch.linspace(QLORA_OFFSET, 0.5, 9).tolist()[:-1]
+    p8 = torch.linspace(QLORA_OFFSET, 0.5, 8).tolist()[:-1]
     top = inv(p9[0])
     expected = sorted([inv(p) / top for p in p9] + [-inv(p) / top for p in p8] + [0.0])
-    assert torch.allclose(nf4_levels().double(), torch.tensor(expected, dtype=torch.float64), atol=1e-7, rtol=0)
+    assert NF4_OFFSET == QLORA_OFFSET
+    assert torch.allclose(nf4_levels().double(), torch.tensor(expected, dtype=torch.float64),
+                          atol=3 * 2.0 ** -24, rtol=0)
 
 
 def test_nf4_positive_levels_split_equal_probability_mass():
     # Phi(level * top) of the positive levels steps evenly from 0.5 to the offset: every
     # gap between neighbouring levels holds the same share of N(0, 1), (offset - 0.5) / 8.
-    top = NormalDist().inv_cdf(float(torch.tensor(NF4_OFFSET)))
+    # (offset: its float32 value, the one the grid starts from)
+    offset = float(torch.tensor(QLORA_OFFSET))
+    top = NormalDist().inv_cdf(offset)
     cdf = torch.tensor([NormalDist().cdf(v * top) for v in nf4_levels()[7:].tolist()], dtype=torch.float64)
     masses = cdf.diff()
-    assert torch.allclose(masses, torch.full_like(masses, (NF4_OFFSET - 0.5) / 8), atol=1e-6)
+    assert torch.allclose(masses, torch.full_like(masses, (offset - 0.5) / 8), atol=1e-6)
 
 
 def test_int4_levels():
@@ -147,6 +159,13 @@ def test_all_zero_blocks_give_zeros():
         assert not w_hat.isnan().any()
         assert (w_hat[:64] == 0).all() and (w_hat[128:] == 0).all()
     assert (quantize_nf4(torch.zeros(5, 7), double_quant=True).dequantize() == 0).all()
+    # Any code reads back as 0 in a block whose scale is 0, so check the codes themselves: a zero
+    # block stores the code of the level 0.0 twice per byte (its absmax is clamped before 1 / c,
+    # so 0 / c is 0, not NaN), as bitsandbytes does.
+    zero = int((nf4_levels() == 0).nonzero())  # the index of 0.0 in the sorted table
+    q = quantize_nf4(w)
+    assert q.codes[:32].tolist() == [(zero << 4) | zero] * 32  # block 0: 64 zero weights in 32 bytes
+    assert q.codes[64:].tolist() == [(zero << 4) | zero] * (len(q.codes) - 64)  # blocks 2..4 (the last ragged)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_edu.quant.qlora as qlora_module
-from _models import make_model, randomise_adapters_, token_ids
-from lora_edu import (Adam, NF4Linear, PagedAdam, QLoRALinear, adapter_modules, bits_per_param,
-                      count_trainable_params, inject_lora, load_adapter, merge_lora, nf4_levels, quantize_nf4,
-                      read_adapter, save_adapter, unmerge_lora)
+from _models import assert_unchanged, make_model, randomise_adapters_, snapshot, token_ids
+from lora_edu import (Adam, NF4Linear, PagedAdam, QLoRALinear, TinyConfig, TinyLlama, adapter_modules,
+                      bits_per_param, count_trainable_params, inject_lora, load_adapter, merge_lora, nf4_levels,
+                      prepare_qlora, quantize_nf4, read_adapter, save_adapter, unmerge_lora)
 
 IN, OUT, R, ALPHA, BLOCK = 80, 24, 8, 16, 64
 S = ALPHA / R  # the LoRA scaling, 2.0
@@ -378,6 +378,29 @@ def test_merge_lora_refuses_before_merging_anything():
         merge_lora(model)
     assert [layer.merged for layer in adapter_modules(model).values()] == [False, False, False]
     assert torch.equal(model(ids), before)
+
+
+# ------------------------------------------------------------------ the whole-model recipe
+def test_prepare_qlora_quantizes_every_linear_but_the_head_and_adapts_the_targets():
+    torch.manual_seed(0)
+    model = prepare_qlora(TinyLlama(TinyConfig()), ["q_proj", "v_proj"], r=4)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear, QLoRALinear))}
+    adapted = {n for n, m in linears.items() if isinstance(m, QLoRALinear)}
+    assert adapted == {f"layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+    plain = {n for n, m in linears.items() if type(m) is nn.Linear}
+    assert plain == {"lm_head"} and model.lm_head.weight.dtype == torch.bfloat16  # skipped: 16-bit, not NF4
+    assert model.embed_tokens.weight.dtype == model.norm.weight.dtype == torch.bfloat16  # cast to compute dtype
+    assert all(m.base.compute_dtype == torch.bfloat16 for n, m in linears.items() if n in adapted)
+
+
+def test_prepare_qlora_refuses_a_target_that_only_names_a_skipped_layer():
+    # The head is skipped (kept in 16 bits): asking for an adapter there must be an error that
+    # names it, not a model with no adapter on it and no word said.
+    model = TinyLlama(TinyConfig())
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"\['lm_head'\] matched no nn\.Linear"):
+        prepare_qlora(model, ["lm_head"])
+    assert_unchanged(model, before)
 
 
 # ------------------------------------------------------------------ bad input

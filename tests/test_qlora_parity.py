@@ -17,7 +17,6 @@ AVX-512 dequantize kernel picks wrong scales (see test_nf4_parity.py).
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")  # prints a harmless "kernels" warning
@@ -151,24 +150,42 @@ def test_with_double_quant_nearest_rounding_differs_from_bitsandbytes_in_a_few_b
 
 
 # ------------------------------------------------------------------ the full QLoRA forward
-@pytest.mark.parametrize("double_quant", [False, True], ids=["no_dq", "dq"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["no_dq", "dq_lut"])
 def test_qlora_forward_matches_linear4bit_plus_the_bypass(double_quant):
     linear = make_linear(256, 512)
     theirs = bnb_linear4bit(linear, double_quant)
-    ours = QLoRALinear.from_linear(linear, r=R, alpha=ALPHA, block_size=BLOCK, double_quant=double_quant)
+    if double_quant:  # with bitsandbytes' rounding of the scales, so that the bases are bit-identical too
+        weight = quantize_nf4(linear.weight.detach(), BLOCK, double_quant=True, dq_rounding="lut")
+        ours = QLoRALinear(NF4Linear(weight, linear.bias), r=R, alpha=ALPHA)
+    else:  # the one-call recipe
+        ours = QLoRALinear.from_linear(linear, r=R, alpha=ALPHA, block_size=BLOCK, double_quant=False)
     set_b_(ours)
     A, B = ours.lora_A.detach(), ours.lora_B.detach()
     x = inputs(512)
     with torch.no_grad():
-        bypass = S * (x.float() @ A.T @ B.T)  # [batch, out], float32 as the adapter is
-        expected = theirs(x) + bypass.to(torch.bfloat16)  # QLoRA: bf16 base plus the bypass
+        base = theirs(x)  # [batch, out] bf16: bitsandbytes' dequantize + F.linear
+        assert torch.equal(ours.base(x), base)  # so the bases contribute no difference at all
+        bypass = S * ((x.float() @ A.T) @ B.T)  # [batch, out] float32, s = alpha / r from the test's constants
+        expected = base + bypass.to(torch.bfloat16)  # QLoRA: bf16 base plus the bypass rounded to bf16
         y = ours(x)
     assert y.dtype == expected.dtype == torch.bfloat16
-    # Tolerance: the bases differ by |x| |dW_base| (zero without double quantization) and
-    # each side rounds the bypass and the sum to bf16 once more: 6 U covers all roundings.
-    bound = bf16_bound(x, ours.base.dequantized_weight(torch.float32), bnb_weight(theirs), linear.bias, bypass)
-    assert ((y.float() - expected.float()).abs() <= bound).all()
-    assert ((theirs(x).float() - expected.float()).abs() > bound).any()  # the bypass is not negligible
+
+    # Tolerance: only the bypass can differ, and only by float rounding. Each side's float32
+    # bypass carries at most (in + r) U32 of s |x| |A|^T |B|^T from its two accumulations, in
+    # whatever order its kernel adds; rounding each to bf16 adds at most one ulp (2 U) of the
+    # bypass between the two, and rounding the sums adds one ulp (2 U) of |y|. (1e-7: room
+    # for an output that rounds to 0 on one side only.)
+    mag = S * ((x.float().abs() @ A.abs().T) @ B.abs().T)  # [batch, out]
+    bound = 2 * (512 + R) * U32 * mag + 2 * U_BF16 * (bypass.abs() + expected.float().abs()) + 1e-7
+
+    def within(output):
+        return ((output.float() - expected.float()).abs() <= bound).all()
+
+    assert within(y)
+    # The bound's power: a bypass 11% too small (s = alpha / (r + 1) at r = 8) must fail it,
+    # and so must leaving the bypass out; both are far outside float rounding here.
+    assert not within(base.float() + ALPHA / (R + 1) * ((x.float() @ A.T) @ B.T))
+    assert not within(base)
 
 
 # ------------------------------------------------------------------ PEFT on a Linear4bit

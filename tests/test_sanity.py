@@ -67,11 +67,12 @@ def test_script_exits_zero_and_prints_six_ok_lines(script_run):
 
 def test_script_reports_the_count_and_the_scalings(script_run):
     lines = {line[1]: line for line in report_lines(script_run.stdout)}
-    r, d_in, d_out, alpha = 8, 32, 48, 16  # the settings code/lora.py documents
-    assert r * (d_in + d_out) == 640
-    assert re.search(r"trainable params = 640\b", lines["d"])
-    assert f"{alpha / r:.4f}" == "2.0000" and f"{alpha / math.sqrt(r):.4f}" == "5.6569"
-    assert "2.0000" in lines["e"] and "5.6569" in lines["e"]
+    # the settings the script passes to run_sanity_checks, read from its source
+    settings = {k: int(v) for k, v in re.findall(r"\b(in_features|out_features|r|alpha)=(\d+)", SCRIPT.read_text())}
+    assert sorted(settings) == ["alpha", "in_features", "out_features", "r"]
+    r, alpha = settings["r"], settings["alpha"]
+    assert re.search(rf"trainable params = {r * (settings['in_features'] + settings['out_features'])}\b", lines["d"])
+    assert f"{alpha / r:.4f}" in lines["e"] and f"{alpha / math.sqrt(r):.4f}" in lines["e"]
 
 
 def test_script_ends_with_a_summary_line(script_run):

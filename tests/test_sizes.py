@@ -21,6 +21,17 @@ def test_scale_bytes_by_hand():
     assert scale_bytes(64 * 300, 64, double_quant=True) == 300 + 2 * 4 + 4
 
 
+@pytest.mark.parametrize("dq_block_size", [64, 128, 512])
+def test_other_second_level_block_sizes(dq_block_size):
+    # 8-bit codes (8 / 64 bit per weight) and one float32 per dq_block_size codes
+    assert bits_per_param(64, True, dq_block_size) == 4 + 8 / 64 + 32 / (64 * dq_block_size)
+    n = 64 * 1000  # 1000 scales: a ragged last block of scales at every block size here
+    q = quantize_nf4(torch.randn(n, generator=torch.Generator().manual_seed(0)), double_quant=True,
+                     dq_block_size=dq_block_size)
+    assert q.absmax.block_size == dq_block_size
+    assert scale_bytes(n, 64, True, dq_block_size) == q.nbytes - n // 2 == 1000 + 4 * -(-1000 // dq_block_size) + 4
+
+
 def test_bits_per_param_of_qlora():
     assert bits_per_param(64) == 4.5
     assert bits_per_param(64, double_quant=True) == pytest.approx(4.127, abs=1e-3)  # QLoRA paper, section 3

@@ -75,7 +75,6 @@ def mutant(name, module, original, replacement, description, *tests) -> None:
 
 
 # --------------------------------------------------------------------------- methods
-# (methods/adapters.py is being rewritten by another engineer; its mutants go here later)
 T = "tests/"
 mutant("lora.scaling_ignores_rslora", "methods/lora.py",
        "self.scaling = lora_scaling(alpha, r, rslora)", "self.scaling = lora_scaling(alpha, r)",
@@ -153,6 +152,80 @@ mutant("inject.merge_lora_no_precheck", "methods/inject.py",
        "if not layer.mergeable:", "if False:",
        "merge_lora merges the LoRA layers before it meets a QLoRA one and raises",
        T + "test_qlora.py::test_merge_lora_refuses_before_merging_anything", T + "test_inject.py")
+
+# methods/adapters.py, safe_files.py, peft_files.py: the adapter files
+A = (T + "test_adapters.py", T + "test_adapter_fuzz.py", T + "test_peft_files.py")
+mutant("adapters.no_tensor_key_check", "methods/adapters.py",
+       "    if set(expected) != set(tensors):", "    if False:",
+       "the file's tensor keys are not compared with the layers' (a file missing lora_B loads)", *A)
+mutant("adapters.no_shape_check", "methods/adapters.py",
+       "    if wrong:\n", "    if False:\n",
+       "a file for other layer shapes is not refused before copying", *A)
+mutant("adapters.config_diff_ignores_alpha_and_rslora", "methods/adapters.py",
+       "diff = {k: (config[k], model_config[k]) for k in _CONFIG_KEYS if",
+       "diff = {k: (config[k], model_config[k]) for k in _CONFIG_KEYS[:2] if",
+       "loading into an injected model compares method and r only", *A)
+mutant("adapters.fresh_load_drops_rslora", "methods/adapters.py",
+       'dropout=config["dropout"], rslora=config["rslora"], dora=',
+       'dropout=config["dropout"], rslora=False, dora=',
+       "a fresh load injects alpha/r even for an rsLoRA file", *A)
+mutant("adapters.load_rounds_to_bf16", "methods/adapters.py",
+       "param.copy_(value.to(param.device, param.dtype))",
+       "param.copy_(value.to(param.device, torch.bfloat16))",
+       "loaded values pass through bfloat16 (not bit-exact)", *A)
+mutant("adapters.no_exact_metadata_keys", "methods/adapters.py",
+       'if metadata["format"] == FORMAT and set(metadata) != _METADATA_KEYS:',
+       'if False:',
+       "v2 files with a renamed or missing metadata key (e.g. the hash) are not refused", *A)
+mutant("adapters.load_into_merged", "methods/adapters.py",
+       "    if any(layer.merged for layer in adapter_modules(model).values()):\n        raise ValueError(\"the model's adapters are merged",
+       "    if False:\n        raise ValueError(\"the model's adapters are merged",
+       "load_adapter writes into a merged model", *A)
+mutant("safe_files.hash_skips_tensor_bytes", "methods/safe_files.py",
+       "        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())\n", "",
+       "the content hash covers keys, dtypes and shapes but not the tensors' bytes", *A)
+mutant("safe_files.hash_skips_metadata", "methods/safe_files.py",
+       "        h.update(json.dumps([key, metadata[key]]).encode())", "        pass",
+       "the content hash ignores the config (alpha edited in the file loads)", *A)
+mutant("safe_files.no_hash_check", "methods/safe_files.py",
+       "if key in metadata and content_hash(metadata, tensors, skip=key) != metadata[key]:",
+       "if False:", "the recorded hash is never compared", *A)
+mutant("safe_files.no_pickle_sniff", "methods/safe_files.py",
+       'if head[8:9] != b"{" and (head.startswith(b"\\x80") or head.startswith(b"PK\\x03\\x04")):',
+       "if False:", "a torch.save pickle gets the generic unreadable-file error", *A)
+mutant("safe_files.rslora_type_unchecked", "methods/safe_files.py",
+       'if not isinstance(config["rslora"], bool):', "if False:",
+       "rslora='no' in a file is taken as true", *A)
+mutant("safe_files.dora_dropout_allowed", "methods/safe_files.py",
+       'if config["method"] == "dora" and config["dropout"]:', "if False:",
+       "a DoRA file with dropout is accepted (DoRALinear has none)", *A)
+mutant("peft_files.targets_as_suffix_list", "methods/peft_files.py",
+       '"target_modules": "|".join(re.escape(name) for name in config["targets"]),',
+       '"target_modules": sorted(config["targets"]),',
+       "the export lists target names, which PEFT matches by suffix (layers.10.* also matches)", *A)
+mutant("peft_files.export_drops_rslora", "methods/peft_files.py",
+       '"use_rslora": config["rslora"],', '"use_rslora": False,',
+       "the exported config says alpha/r for an rsLoRA adapter", *A)
+mutant("peft_files.magnitude_key_with_weight", "methods/peft_files.py",
+       '"magnitude": ".lora_magnitude_vector"}', '"magnitude": ".lora_magnitude_vector.weight"}',
+       "DoRA's magnitude written under older PEFT's key, which PEFT 0.21 does not load", *A)
+mutant("peft_files.import_ignores_use_dora", "methods/peft_files.py",
+       'method = "dora" if raw.get("use_dora", False) else "lora"', 'method = "lora"',
+       "a PEFT DoRA folder is read as LoRA", *A)
+mutant("peft_files.no_must_be_off_check", "methods/peft_files.py",
+       "        if not _is_off(key, raw.get(key)):\n            raise AdapterFileError(f\"{path!r} sets {key}",
+       "        if False:\n            raise AdapterFileError(f\"{path!r} sets {key}",
+       "rank_pattern, bias, modules_to_save ... are ignored on import", *A)
+mutant("peft_files.no_init_check", "methods/peft_files.py",
+       "    if not any(init is v or (isinstance(v, str) and init == v) for v in _INITS_THAT_KEEP_THE_BASE):",
+       "    if False:", "a PiSSA/OLoRA folder (its base rewritten) loads onto the original base", *A)
+mutant("peft_files.prefix_off_by_one", "methods/peft_files.py",
+       "name = key[len(PREFIX): -len(KEY_SUFFIX[match[0]])]", "name = key[len(PREFIX) + 1: -len(KEY_SUFFIX[match[0]])]",
+       "module names lose their first character on import", *A)
+mutant("peft_files.no_peft_hash_check", "methods/peft_files.py",
+       "    check_hash(metadata, tensors, weights_path, key=HASH_META)", "    pass",
+       "a corrupted export of ours loads silently", *A)
+
 
 # --------------------------------------------------------------------------- quant
 mutant("blockwise.ties_round_up", "quant/blockwise.py",

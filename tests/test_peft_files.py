@@ -78,14 +78,32 @@ def test_exported_adapter_loads_in_peft_with_the_same_outputs(tmp_path, method):
     assert_same_outputs(ours, theirs, method == "dora", make_model(0))
 
 
+class Nested(torch.nn.Module):
+    """Has "attn.q_proj" and also "extra.attn.q_proj", whose name ends with ".attn.q_proj"."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(4, 4)})
+        self.extra = torch.nn.ModuleDict({"attn": torch.nn.ModuleDict({"q_proj": torch.nn.Linear(4, 4)})})
+
+    def forward(self, x):
+        return self.extra["attn"]["q_proj"](self.attn["q_proj"](x))
+
+
 def test_exported_target_modules_pick_exactly_the_adapted_modules(tmp_path):
-    # PEFT matches a *list* of target_modules by dotted suffix: "0.attn.q_proj" would also
-    # catch "layers.10.attn.q_proj". The export writes a regex that PEFT fullmatches instead.
-    ours = trained(targets=["layers.0.attn.q_proj"], n_layers=11)
+    # PEFT matches a *list* of target_modules by dotted suffix, so ["attn.q_proj"] would also
+    # adapt "extra.attn.q_proj". The export writes a regex that PEFT fullmatches instead.
+    from lora_edu.methods.inject import wrap_modules
+
+    ours = wrap_modules(Nested(), ["attn.q_proj"], r=2, alpha=4)
+    torch.nn.init.normal_(ours.attn["q_proj"].lora_B)
     save_adapter(ours, tmp_path / "adapter", format="peft")
-    theirs = PeftModel.from_pretrained(make_model(0, n_layers=11), tmp_path / "adapter")
-    assert sorted(peft_layers(theirs)) == ["layers.0.attn.q_proj"]
-    assert_same_outputs(ours, theirs, False, make_model(0, n_layers=11))
+    theirs = PeftModel.from_pretrained(Nested(), tmp_path / "adapter")
+    assert sorted(peft_layers(theirs)) == ["attn.q_proj"]
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
 
 
 def test_exported_folder_has_peft_names_and_only_adapter_tensors(tmp_path):

@@ -12,9 +12,10 @@ from safetensors.torch import save_file
 from lora_edu.methods.safe_files import HASH_KEY, content_hash
 
 
-def rewrite(path, tensors=None, **metadata_changes):
+def rewrite(path, tensors=None, rehash=True, **metadata_changes):
     """Change the file at `path` in place: `tensors(dict) -> dict` edits the tensors; each
-    keyword sets a metadata entry (None removes it). Returns `path`."""
+    keyword sets a metadata entry (None removes it); rehash=False keeps the old hash, as a
+    corrupted file would. Returns `path`."""
     with safe_open(str(path), "pt") as f:
         meta, saved = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     if tensors is not None:
@@ -24,7 +25,7 @@ def rewrite(path, tensors=None, **metadata_changes):
             meta.pop(key)
         else:
             meta[key] = value
-    if HASH_KEY in meta:
+    if rehash and HASH_KEY in meta:
         meta[HASH_KEY] = content_hash(meta, saved)
     save_file(saved, str(path), metadata=meta)
     return path

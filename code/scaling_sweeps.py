@@ -30,19 +30,14 @@ and, from those runs and the pretrained model:
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import platform
 import sys
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from lora_edu import FINETUNE, LLAMA_TARGETS, PRETRAIN, evaluate, pretrained_model
 from lora_edu.experiments.scaling import QV_TARGETS, finetune, step1_grad_norm, truncate_updates, weight_deltas
+from lora_edu.experiments.runner import cpu_name, rounded, run_all, to_json
 from lora_edu.experiments.subspace import singular_values, subspace_similarity, top_directions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,28 +173,6 @@ def subspace_section(updates: dict, truncated: dict) -> dict:
     return section
 
 
-def cpu_name() -> str:
-    """The CPU model, for the record: the stored figures move in their third digit on another one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def rounded(value):
-    """Round floats (also inside lists and dicts) to SIG significant digits; NaN/inf become None."""
-    if isinstance(value, float):
-        return float(f"{value:.{SIG}g}") if math.isfinite(value) else None
-    if isinstance(value, list):
-        return [rounded(v) for v in value]
-    if isinstance(value, dict):
-        return {k: rounded(v) for k, v in value.items()}
-    return value
-
-
 def run(quick: bool = False, progress: bool = True, n_jobs: int = 1) -> dict:
     torch.set_num_threads(1)
     grad_norms = {scheme: [step1_grad_norm(r, alpha=16, rslora=scheme == "rslora") for r in GRAD_RANKS]
@@ -207,35 +180,14 @@ def run(quick: bool = False, progress: bool = True, n_jobs: int = 1) -> dict:
     base = pretrained_model()
     start = {"finetune": evaluate(base, FINETUNE), "pretrain": evaluate(base, PRETRAIN)}
     selected = [job for job in jobs() if not quick or job[0] in QUICK_KEYS]
-    bar = tqdm(total=len(selected), desc="fine-tuning runs", disable=not progress)
-    results = {}
-    if n_jobs > 1:
-        with ProcessPoolExecutor(n_jobs, mp_context=get_context("spawn")) as pool:
-            for key, *result in pool.map(run_one, selected):
-                results[key] = result
-                bar.update()
-    else:
-        for job in selected:
-            key, *result = run_one(job)
-            results[key] = result
-            bar.update()
-    bar.close()
+    results = {key: result for key, *result in run_all(run_one, selected, n_jobs, progress)}
     runs = {key: results[key][0] for key, _, _ in selected}  # in jobs() order, whatever finished first
     updates = {key: u for key, (_, u, _) in results.items() if u is not None}
     truncated = {key: t for key, (_, _, t) in results.items() if t is not None}
     return rounded({"meta": {"steps": STEPS, "curve_every": 10, "quick": quick, "torch": torch.__version__,
                              "cpu": cpu_name(), "seeds": list(SEEDS), "grad_ranks": list(GRAD_RANKS)},
                     "grad_norm": grad_norms, "start": start, "weights": weight_statistics(),
-                    "subspace": subspace_section(updates, truncated), "runs": runs})
-
-
-def to_json(data: dict) -> str:
-    """JSON with one line per run and per entry of each section: small, and readable in a diff."""
-    lines = []
-    for section, value in data.items():
-        items = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items()]
-        lines.append(f"{json.dumps(section)}: {{\n" + ",\n".join(items) + "\n }")
-    return "{\n " + ",\n ".join(lines) + "\n}\n"
+                    "subspace": subspace_section(updates, truncated), "runs": runs}, SIG)
 
 
 def main(argv=None) -> int:

@@ -213,7 +213,6 @@ def test_forged_header_allocates_nothing_near_its_claim(tmp_path):
     (dict(dropout="-0.5"), "dropout must be a probability"),
     (dict(rslora='"no"'), "records rslora='no'; it must be true or false"),
     (dict(method='"ia3"'), "unknown method 'ia3'"),
-    (dict(dropout="0.1"), r"is a DoRA adapter with dropout=0.1; lora_edu's DoRALinear has no dropout"),
     (dict(targets='"q_proj"'), "records targets='q_proj'; it must be a non-empty list"),
     (dict(targets="[]"), "it must be a non-empty list"),
     (dict(targets="[3]"), "it must be a non-empty list"),

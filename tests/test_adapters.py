@@ -4,6 +4,7 @@ Every failed load must leave the model as it was (values, module types, flags).
 """
 
 import json
+import re
 import struct
 
 import pytest
@@ -327,3 +328,27 @@ def test_fresh_load_adapts_exactly_the_modules_the_file_names(tmp_path):
     assert sorted(adapter_modules(model)) == ["attn.q_proj"]  # not "extra.attn.q_proj" as well
     assert type(model.extra.attn.q_proj) is torch.nn.Linear
     load_adapter(model, path)  # and the same file loads again into the model it produced
+
+
+@pytest.mark.parametrize("shape", [(16, 1), (15,), ()], ids=["column", "short", "scalar"])
+def test_dora_file_with_a_magnitude_of_the_wrong_shape(saved_dora, shape):
+    """One length per output row, [out]: any other shape is refused before anything changes."""
+    path, _ = saved_dora
+    key = "layers.0.attn.q_proj.magnitude"
+    rewrite(path, tensors=lambda t: {**t, key: torch.ones(shape)})
+    for model in (make_model(0), trained(dora=True)):
+        before = snapshot(model)
+        shown = re.escape(str((tuple(shape), (16,))))
+        with pytest.raises(AdapterFileError, match=rf"saved for other layer shapes.*'{key}': {shown}"):
+            load_adapter(model, path)
+        assert_unchanged(model, before)
+
+
+def test_dora_with_dropout_round_trips(tmp_path):
+    model = trained(dora=True, dropout=0.1)
+    save_adapter(model, tmp_path / "dora.safetensors")
+    fresh = load_adapter(make_model(0), tmp_path / "dora.safetensors")
+    assert {(type(m), m.dropout_p) for m in adapter_modules(fresh).values()} == {(DoRALinear, 0.1)}
+    fresh.eval(), model.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(token_ids()), model(token_ids()))

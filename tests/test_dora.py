@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from lora_edu import DoRALinear, LoRALinear
 
@@ -176,3 +178,152 @@ def test_rejects_non_linear_base_and_bad_rank():
         DoRALinear(nn.Embedding(5, 4))
     with pytest.raises(ValueError, match="r must be a positive int"):
         DoRALinear(nn.Linear(4, 4), r=0)
+
+
+# ------------------------------------------------------------------ the fast forward
+def test_weight_norm_is_the_row_norm_of_v_by_the_identity():
+    """||W0 + s B A||_row from ||W0||^2, W0 A^T and A A^T equals the norm of the built V."""
+    layer = make_layer()
+    train_(layer)
+    with torch.no_grad():
+        v = layer.base.weight + layer.scaling * layer.lora_B @ layer.lora_A
+        direct = v.double().norm(dim=1)
+    torch.testing.assert_close(layer.weight_norm().double(), direct, rtol=1e-6, atol=0)
+    assert not layer.weight_norm().requires_grad  # detached: no graph is kept for it
+
+
+def test_weight_norm_on_a_bf16_base_is_within_the_rounding_of_a():
+    layer = make_layer(dtype=torch.bfloat16)
+    train_(layer)
+    with torch.no_grad():
+        v = layer.base.weight.double() + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+        direct = v.norm(dim=1)
+    # only A is rounded (to bf16, for W0 A^T): at most 2^-8 of the cross term 2 s W0 . BA
+    torch.testing.assert_close(layer.weight_norm().double(), direct, rtol=2.0 ** -8, atol=0)
+
+
+class _Outputs(TorchDispatchMode):
+    """Records (op, dtype, number of elements) of every tensor every aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.seen.append((str(func), t.dtype, t.numel()))
+        return out
+
+
+@pytest.mark.parametrize("bypass_dtype", [None, torch.bfloat16], ids=["fp32_bypass", "bf16_bypass"])
+def test_no_float32_tensor_of_the_weights_size_in_forward_and_backward(bypass_dtype):
+    """The old forward built W' [out, in] in float32 and ran a float32 matmul with it; none is built now."""
+    torch.manual_seed(0)
+    out_f, in_f, tokens = 24, 40, 7  # out*in = 960 is no other tensor's size here
+    layer = DoRALinear(nn.Linear(in_f, out_f).to(torch.bfloat16), r=R, alpha=ALPHA, bypass_dtype=bypass_dtype)
+    train_(layer)
+    x = torch.randn(tokens, in_f).to(torch.bfloat16).requires_grad_(True)
+    with _Outputs() as ops:
+        layer(x).float().sum().backward()
+    big = [op for op, dtype, n in ops.seen if n == out_f * in_f]
+    assert not [op for op, dtype, n in ops.seen if n == out_f * in_f and dtype == torch.float32], big
+    assert any("mm" in op for op, _, _ in ops.seen)  # the recorder saw the matmuls
+    # the old way, written out, does build one: the recorder can tell
+    with _Outputs() as old:
+        with torch.no_grad():
+            layer.effective_weight()
+    assert any(n == out_f * in_f and dtype == torch.float32 for _, dtype, n in old.seen)
+
+
+def test_a_bf16_bypass_keeps_no_float32_copy_of_the_input():
+    from lora_edu.memory.measure import saved_activations
+
+    torch.manual_seed(0)
+    kept = {}
+    for bypass_dtype in (None, torch.bfloat16):
+        layer = LoRALinear(nn.Linear(IN, OUT).to(torch.bfloat16), r=R, alpha=ALPHA, bypass_dtype=bypass_dtype)
+        x = torch.randn(5, IN).to(torch.bfloat16).requires_grad_(True)
+        out, saved = saved_activations(layer, layer, x)
+        assert out.dtype == torch.bfloat16
+        kept[bypass_dtype] = {(s.shape, s.dtype) for s in saved}
+    assert ((5, IN), torch.float32) in kept[None]  # x cast to float32 for the bypass, kept for dL/dA
+    assert not any(dtype == torch.float32 for _, dtype in kept[torch.bfloat16])
+
+
+def test_bf16_bypass_gives_float32_gradients_close_to_the_float32_bypass():
+    grads = {}
+    for bypass_dtype in (None, torch.bfloat16):
+        layer = make_layer(dtype=torch.bfloat16, bypass_dtype=bypass_dtype)
+        train_(layer)
+        layer(inputs(dtype=torch.bfloat16)).float().pow(2).sum().backward()
+        grads[bypass_dtype] = [p.grad for p in (layer.lora_A, layer.lora_B, layer.magnitude)]
+    for fast, exact in zip(grads[torch.bfloat16], grads[None]):
+        assert fast.dtype == torch.float32
+        assert ((fast - exact).norm() / exact.norm()).item() < 2 ** -6  # a few bf16 roundings
+
+
+def test_the_cached_norm_follows_the_base_weight():
+    """||W0||^2 is cached; a new W0 (load_state_dict, an in-place edit) must not see the old one."""
+    layer = make_layer()
+    train_(layer)
+    x = inputs()
+    with torch.no_grad():
+        layer(x)  # fills the cache
+        new = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(9))
+        layer.base.load_state_dict({"weight": new, "bias": layer.base.bias.clone()})
+        expected = reference_forward(x, new, layer.base.bias, layer.lora_A, layer.lora_B, layer.magnitude,
+                                     layer.scaling)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+        layer.base.weight.mul_(2)
+        expected = reference_forward(x, 2 * new, layer.base.bias, layer.lora_A, layer.lora_B, layer.magnitude,
+                                     layer.scaling)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+
+
+def test_merge_then_forward_then_unmerge_sees_the_right_w0():
+    layer = make_layer()
+    train_(layer)
+    x = inputs()
+    with torch.no_grad():
+        before = layer(x)
+        layer.merge()
+        layer.unmerge()  # W0 written twice: the cache must be refreshed from the restored W0
+        torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-5)
+
+
+def test_identity_at_init_is_exact():
+    layer = make_layer()
+    torch.testing.assert_close(layer.magnitude / layer.weight_norm(), torch.ones(OUT), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ a zero row
+def test_a_zero_row_is_refused_with_the_rows_named():
+    base = nn.Linear(IN, OUT)
+    with torch.no_grad():
+        base.weight[3] = 0
+        base.weight[7] = 0
+    with pytest.raises(ValueError, match=r"2 row\(s\) of its weight are all zeros \(rows \[3, 7\]\).*dora=False"):
+        DoRALinear(base, r=R)
+    LoRALinear(base, r=R)  # plain LoRA is fine there: W0 + dW needs no direction
+
+
+def test_a_zero_row_leaves_the_model_unchanged_in_inject_and_prepare_qlora():
+    from _models import assert_unchanged, make_model, snapshot
+    from lora_edu import inject_lora, prepare_qlora
+
+    for wrap in (lambda m: inject_lora(m, ["q_proj", "fc1"], r=2, dora=True),
+                 lambda m: prepare_qlora(m, ["q_proj", "fc1"], r=2, dora=True)):
+        model = make_model()
+        with torch.no_grad():
+            model.layers[1].mlp.fc1.weight[0] = 0  # the last layer wrapped: the others come first
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=r"DoRA cannot adapt 'layers.1.mlp.fc1'"):
+            wrap(model)
+        assert_unchanged(model, before)
+
+
+def test_bad_bypass_dtype():
+    with pytest.raises(ValueError, match=r"bypass_dtype must be None .*got torch.int32"):
+        DoRALinear(nn.Linear(IN, OUT), bypass_dtype=torch.int32)

@@ -181,7 +181,8 @@ def test_injection_passes_hyper_parameters_through():
     (dict(alpha=-2.0), ValueError, "alpha must be a positive, finite number"),
     (dict(dropout=-0.1), ValueError, r"dropout must be a probability in \[0, 1\)"),
     (dict(dropout=1.0), ValueError, r"dropout must be a probability in \[0, 1\)"),
-    (dict(dora=True, dropout=0.1), ValueError, "dora=True supports no dropout"),
+    (dict(bypass_dtype=torch.int8), ValueError, r"bypass_dtype must be None .* got torch.int8"),
+    (dict(bypass_dtype="bf16"), ValueError, r"bypass_dtype must be None"),
 ])
 def test_bad_hyper_parameters_raise_and_leave_model_unchanged(kw, exc, msg):
     model = make_model()

@@ -74,6 +74,37 @@ def test_lora_is_2_psi_plus_16_psi_lora():
     assert led.gradients == led.master_weights == led.optimizer_states == 0
 
 
+def test_dora_adds_a_magnitude_per_output_row():
+    """DoRA trains r (d + k) + d per adapted [d, k] linear: LLaMA-7B's q, k, v, o have 4096 rows each."""
+    p_dora = lora_params_for(LLAMA_7B, ("q", "k", "v", "o"), r=8, dora=True)
+    assert p_dora == 8_388_608 + 32 * 4 * 4096 == 8_912_896
+    # under GQA the magnitudes of k and v are as short as their rows: 1024 on Llama-3-8B
+    llama3, qkvo = get_preset("llama-3-8b"), ("q", "k", "v", "o")
+    magnitudes = lora_params_for(llama3, qkvo, 8, dora=True) - lora_params_for(llama3, qkvo, 8)
+    assert magnitudes == 32 * (4096 + 1024 + 1024 + 4096)
+    # 16 bytes per trained parameter, the magnitude's included; the base as under LoRA and QLoRA
+    led = estimate_memory(LLAMA_7B, "dora", r=8, targets=("q", "k", "v", "o"))
+    assert led.total == 2 * count_params(LLAMA_7B) + 16 * p_dora
+    assert (led.lora_weights, led.lora_gradients, led.lora_master_weights, led.lora_optimizer_states) == \
+        (2 * p_dora, 2 * p_dora, 4 * p_dora, 8 * p_dora)
+    qdora, qlora = (estimate_memory(LLAMA_7B, m, r=8, targets=("q", "k", "v", "o")) for m in ("qdora", "qlora"))
+    assert (qdora.weights, qdora.quant_constants) == (qlora.weights, qlora.quant_constants)
+    assert qdora.total - qlora.total == 16 * 32 * 4 * 4096
+
+
+def test_dora_activations_add_its_rescale_at_7b():
+    """Per adapted layer z [tokens, 4096] and c [4096] in bf16 under the mixed policy, ||V|| [4096] float32."""
+    kw = dict(r=8, targets=("q", "k", "v", "o"), batch=1, seq_len=2048)
+    lora, dora, qdora = (estimate_memory(LLAMA_7B, m, **kw) for m in ("lora", "dora", "qdora"))
+    rescale = 32 * 4 * (2048 * 4096 * 2 + 4096 * 2 + 4096 * 4)
+    assert dora.activations - lora.activations == dora.activation_terms["DoRA rescale (V x)"] == rescale
+    assert qdora.activation_terms == dora.activation_terms  # the NF4 base keeps nothing more (measured in test_memory)
+    ckpt = estimate_memory(LLAMA_7B, "dora", checkpointing=True, **kw)
+    assert ckpt.activation_terms["DoRA rescale (V x)"] == 0  # only the layers' inputs are kept ...
+    rebuilt_lora = estimate_memory(LLAMA_7B, "lora", checkpointing=True, **kw).recomputed_layer
+    assert ckpt.recomputed_layer - rebuilt_lora == rescale // 32  # ... and one layer's rescale is rebuilt
+
+
 def test_qlora_base_uses_bits_per_param():
     led = estimate_memory(LLAMA_7B, "qlora", block_size=64, double_quant=True)
     Q = sum(d * k for d, k in linear_shapes(LLAMA_7B, "all-linear"))
@@ -204,7 +235,7 @@ def test_bad_spec(kwargs, match):
 
 @pytest.mark.parametrize("call, match", [
     (lambda: get_preset("gpt-5"), "unknown preset 'gpt-5'; known: llama-7b, .*mistral-7b"),
-    (lambda: estimate_memory(LLAMA_7B, "prefix"), "unknown method .*full, lora, qlora"),
+    (lambda: estimate_memory(LLAMA_7B, "prefix"), "unknown method 'prefix'; known: full, lora, qlora, dora, qdora$"),
     (lambda: estimate_memory(LLAMA_7B, policy="fp8"), "unknown policy .*pure_bf16"),
     (lambda: estimate_memory(LLAMA_7B, optimizer="lion"), "unknown optimizer .*adam, sgd"),
     (lambda: lora_params_for(LLAMA_7B, ("q", "w1")), "unknown target 'w1'.*all-linear.*q_proj"),

@@ -48,6 +48,35 @@ def test_lora_on_a_pure_bf16_base_with_float32_adapters():
     assert peak.total == peak.resident + max(sum(m.values()) for m in peak.moments.values())
 
 
+def test_dora_on_a_pure_bf16_base_with_float32_adapters():
+    """DoRA in the same setting: a magnitude per output row on top of LoRA's factors, its
+    gradient in the optimizer step, its rescale in the activations, its cached ||W0||^2 resident."""
+    kw = dict(r=4, targets=("q", "down"), batch=BATCH, seq_len=SEQ)
+    peak = estimate_peak(SPEC, "dora", policy="pure_bf16", adapter_policy="fp32", **kw)
+    p_lora = 2 * (4 * (64 + 64) + 4 * (64 + 128))  # 2560, as for LoRA
+    rows = 2 * (64 + 64)  # q and down both have 64 output rows, in each of 2 layers
+    p_dora = p_lora + rows  # 2816
+    # resident: LoRA's, for p_dora parameters, plus ||W0||^2 per row in float32
+    assert peak.resident == 2 * P + 4 * p_dora + 8 * p_dora + CUBLAS_WORKSPACES + 4 * rows
+    # the activations: LoRA's, plus per adapted layer z [tokens, 64], c [64] (float32: the
+    # adapters are) and ||V|| [64] (float32)
+    lora_acts = estimate_memory(SPEC, "lora", "pure_bf16", adapter_policy="fp32", **kw).activations
+    acts = lora_acts + 2 * 2 * (TOKENS * 64 * 4 + 64 * 4 + 64 * 4)
+    logits = TOKENS * 100 * 2
+    # the magnitudes (64 elements) are smaller than down's A [4, 128]: the temporaries are LoRA's
+    assert peak.moments == {
+        "end of forward": {"activations": acts, "logits": logits},
+        "loss backward": {"activations": acts, "logit gradients": 2 * logits},
+        "optimizer step": {"gradients": 4 * p_dora, "step temporaries": 512 * 4 * 2},
+    }
+
+
+def test_a_magnitude_at_most_ties_the_largest_factor():
+    """At r = 1 the magnitude of gate [128, 64] has 128 elements, as many as its B [128, 1]."""
+    peak = estimate_peak(SPEC, "dora", adapter_policy="fp32", r=1, targets=("gate",), batch=BATCH, seq_len=SEQ)
+    assert peak.moments["optimizer step"]["step temporaries"] == 128 * 4 * 2
+
+
 def test_full_fine_tuning_with_master_weights_and_checkpointing():
     kw = dict(batch=BATCH, seq_len=SEQ, checkpointing=True)
     peak = estimate_peak(SPEC, "full", policy="mixed_fp32_master", **kw)
@@ -68,8 +97,9 @@ def test_full_fine_tuning_with_master_weights_and_checkpointing():
     assert led.recomputed_layer > 0
 
 
-def test_qlora_holds_one_dequantized_weight_at_the_end_of_the_forward():
-    peak = estimate_peak(SPEC, "qlora", policy="mixed_fp32_master", adapter_policy="fp32", r=4,
+@pytest.mark.parametrize("method", ["qlora", "qdora"])
+def test_qlora_holds_one_dequantized_weight_at_the_end_of_the_forward(method):
+    peak = estimate_peak(SPEC, method, policy="mixed_fp32_master", adapter_policy="fp32", r=4,
                          targets="all-linear", batch=BATCH, seq_len=SEQ)
     # the largest linear, gate or up, rebuilt in bf16 for one matmul
     assert peak.moments["end of forward"]["dequantized weight"] == 128 * 64 * 2
@@ -77,7 +107,7 @@ def test_qlora_holds_one_dequantized_weight_at_the_end_of_the_forward():
     assert peak.moments["optimizer step"]["step temporaries"] == 4 * 128 * 4 * 2
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "dora", "qdora"])
 def test_the_peak_is_the_largest_moment(method):
     peak = estimate_peak(SPEC, method, batch=BATCH, seq_len=SEQ)
     sums = {name: sum(terms.values()) for name, terms in peak.moments.items()}

@@ -296,11 +296,11 @@ def test_tensors_that_do_not_make_an_adapter(folder, edit, match):
     assert_refused(folder, match)
 
 
-def test_dora_dropout_is_dropped_with_a_warning(tmp_path):
+def test_dora_dropout_is_kept(tmp_path):
     folder, theirs = peft_saved(tmp_path, "dora")
     edit_config(folder, lora_dropout=0.1)
-    with pytest.warns(UserWarning, match=r"DoRALinear has no dropout, so lora_dropout=0.1 is dropped"):
-        ours = load_adapter(make_model(0), folder)
+    ours = load_adapter(make_model(0), folder)
+    assert {layer.dropout_p for layer in adapter_modules(ours).values()} == {0.1}
     assert_same_outputs(ours, theirs, True, make_model(0))  # eval mode: dropout is off in both
 
 

@@ -61,6 +61,9 @@ def build(p: dict):
         w = torch.randn(base.weight.shape, generator=g) * 2.0 ** p["w_exp"]
         if p["prune"]:
             w[torch.rand(w.shape, generator=g) < 0.5] = 0
+            if p["dora"]:  # DoRA refuses a zero row (its direction is 0 / 0): keep one weight in each
+                empty = w.abs().sum(dim=1) == 0
+                w[empty, 0] = 2.0 ** p["w_exp"]
         base.weight.copy_(w)
         if p["bias"]:
             base.bias.copy_(torch.randn(base.bias.shape, generator=g))
@@ -71,8 +74,8 @@ def build(p: dict):
         layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 2.0 ** p["a_exp"])
         layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 2.0 ** p["b_exp"])
         if p["dora"]:
-            # magnitude starts as ||W0||_row; a zero row of W0 has none, and DoRA needs m > 0 (a zero
-            # magnitude sends the row to 0, which no unmerge can undo); training keeps it positive
+            # magnitude starts as ||W0||_row > 0; DoRA needs m > 0 (a zero magnitude sends the row
+            # to 0, which no unmerge can undo); training keeps it positive
             layer.magnitude.clamp_(min=2.0 ** (p["w_exp"] - 4))
             if p["trained_magnitude"]:
                 layer.magnitude.mul_(torch.exp(0.5 * torch.randn(layer.magnitude.shape, generator=g)))
@@ -231,22 +234,28 @@ def output_bound(layer, w0, x, p):
     is added after a rounding), the bypass cast to bf16, their sum; merged, the weight (which
     moves the output by at most 2^-8 (M + Q)) and the output (allow twice). Six in all.
 
-    DoRA. The unmerged forward builds W' = m V / ||V|| in float32 and runs one F.linear; merge
-    stores that same float32 W' (rounded to the base dtype) and the merged forward is that
-    F.linear again. float32: the same numbers in the same kernel, so the outputs are identical
-    (bound 0). bfloat16: W' rounded to bf16 (2^-8 of M' = |x| @ |W'|^T + |b|), the merged output
-    (allow two roundings), the unmerged float32 output rounded once: 4 * 2^-8 M', plus the two
-    float32 matmuls, (2k + 4) u M'.
+    DoRA. Unmerged: y = c (W0 x + s B A x) + b with c = m / n, n from the row-norm identity
+    ||W0||^2 + 2s B . (W0 A^T) + s^2 B (A A^T) . B; merged: W' = m V / ||V|| with V = fl(W0 + D)
+    and its directly computed norm, then one F.linear. With M' = c (M + Q) + |b|: the two
+    forwards' matmuls and roundings as for LoRA, (2k + 2r + 8) u M', plus the two norms'
+    disagreement. Each computes n^2 as sums of at most k + 2r + 4 products whose absolute values
+    add up to at most T = rowsum((|W0| + |D|)^2), so n^2 is off by (k + 2r + 4) u T and n by
+    half of that relative to n^2 each; on a bfloat16 base the identity also rounds A to bf16
+    for W0 A^T, which moves n^2 by 2^-8 of the cross term (< T). bfloat16 outputs add the six
+    bf16 roundings of LoRA's case (W0 x, the output, W' and the merged output: four, allow six).
     """
     k, xa = p["in_features"], x.detach().double().abs()
     bias = layer.base.bias.detach().double().abs() if p["bias"] else 0.0
     if p["dora"]:
-        if p["dtype"] == torch.float32:
-            return torch.zeros(())
-        # |W'| <= (m / n)(|W0| + |D|); 1 + 2^-12 covers float32's n and its few roundings of W'
-        w_prime = (w0.abs() + delta_bound(layer, p)) / norm_over_magnitude(layer, w0, p) * (1 + 2.0 ** -12)
-        big = xa @ w_prime.T + bias
-        return (4 * U16 + (2 * k + 4) * U32) * big * (1 + 2.0 ** -6)
+        d = delta_bound(layer, p)
+        n_over_m = norm_over_magnitude(layer, w0, p)  # [out, 1]
+        c = 1 / n_over_m * (1 + 2.0 ** -12)  # m / n, widened for float32's n and its roundings
+        n_sq = (n_over_m * layer.magnitude.detach().double()[:, None]) ** 2  # [out, 1]
+        t = ((w0.abs() + d) ** 2).sum(dim=1, keepdim=True)  # [out, 1]
+        rel_n = ((2 * k + 4 * p["r"] + 8) * U32 + (U16 if p["dtype"] != torch.float32 else 0)) * t / (2 * n_sq)
+        big = (xa @ (w0.abs() + d).T) * c.T + bias  # M'
+        bf16 = 6 * U16 if p["dtype"] != torch.float32 else 0
+        return ((2 * k + 2 * p["r"] + 8) * U32 + rel_n.T * (1 + 2.0 ** -10) + bf16) * big * (1 + 2.0 ** -6)
     big = xa @ (w0.abs() + delta_bound(layer, p)).T + bias  # M + Q
     f32 = (2 * k + 2 * p["r"] + 8) * U32
     if p["dtype"] == torch.float32:

@@ -19,7 +19,8 @@ from torch import nn
 
 import lora_edu.quant.qlora as qlora_module
 from _models import assert_unchanged, make_model, randomise_adapters_, snapshot, token_ids
-from lora_edu import (Adam, NF4Linear, PagedAdam, QLoRALinear, TinyConfig, TinyLlama, adapter_modules,
+from lora_edu import (Adam, DoRALinear, NF4Linear, PagedAdam, QDoRALinear, QLoRALinear, TinyConfig, TinyLlama,
+                      adapter_modules,
                       bits_per_param, count_trainable_params, inject_lora, load_adapter, merge_lora, nf4_levels,
                       prepare_qlora, quantize_nf4, read_adapter, save_adapter, unmerge_lora)
 
@@ -561,3 +562,74 @@ def test_backward_keeps_no_dequantized_weight_alive():
     assert (64, 128) not in saved and (128, 64) not in saved, saved
     out.float().sum().backward()  # and the gradient still reaches x and the adapter
     assert x.grad is not None and layer.lora_B.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ QDoRA: DoRA over the NF4 base
+def make_qdora(base=None, **kw):
+    return QDoRALinear.from_linear(make_base() if base is None else base, r=R, alpha=ALPHA, block_size=BLOCK, **kw)
+
+
+def test_qdora_is_dora_on_the_dequantized_weight():
+    """QDoRA computes what a DoRALinear over dequant(W0) (in the compute dtype) computes."""
+    base = make_base()
+    layer = make_qdora(base)
+    # the row norms of the W0 the base computes with: dequantized, in the compute dtype
+    w0 = w_hat(base).to(torch.bfloat16).float()
+    torch.testing.assert_close(layer.magnitude, w0.norm(dim=1), rtol=1e-6, atol=0)
+    set_b_(layer)
+    with torch.no_grad():
+        layer.magnitude.mul_(1.1)
+    dense = nn.Linear(IN, OUT).to(torch.bfloat16)
+    with torch.no_grad():
+        dense.weight.copy_(w_hat(base).to(torch.bfloat16))
+        dense.bias.copy_(base.bias)
+    twin = DoRALinear(dense, r=R, alpha=ALPHA)
+    twin.load_state_dict(layer.state_dict(), strict=False)  # the same A, B and magnitude
+    x = inputs().to(torch.bfloat16)
+    y, y_twin = layer(x), twin(x)
+    assert y.dtype == torch.bfloat16 and not torch.allclose(y.float(), layer.base(x).float(), atol=1e-2)
+    # the same operations on the same bf16 numbers, but the bias is rounded to bf16 in the twin
+    bound = 2 * U[torch.bfloat16] * magnitude(x, w_hat(base), base.bias) + 1e-6
+    assert ((y.float() - y_twin.float()).abs() <= bound).all()
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A", "lora_B", "magnitude"}
+
+
+def test_qdora_at_init_is_the_nf4_base_up_to_one_rounding():
+    """c = 1 exactly at init; W0 x is rounded to bf16 before the bias is added (the base adds it
+    inside its matmul), so the two differ by at most one rounding of the output's size."""
+    base = make_base()
+    layer = make_qdora(base)
+    assert torch.equal(layer.magnitude / layer.weight_norm(), torch.ones(OUT))
+    x = inputs().to(torch.bfloat16)
+    with torch.no_grad():
+        y, y_base = layer(x).float(), layer.base(x).float()
+    bound = 2 * U[torch.bfloat16] * magnitude(x, w_hat(base), base.bias) + 1e-6
+    assert ((y - y_base).abs() <= bound).all()
+    no_bias = make_qdora(make_base(bias=False))
+    with torch.no_grad():
+        assert torch.equal(no_bias(x), no_bias.base(x))  # without a bias nothing is rounded twice
+
+
+def test_qdora_to_merged_linear_and_merge_refused():
+    base = make_base()
+    layer = make_qdora(base)
+    set_b_(layer)
+    merged = layer.to_merged_linear(torch.float32)
+    v = w_hat(base).to(torch.bfloat16).float() + S * layer.lora_B.detach() @ layer.lora_A.detach()
+    expected = (layer.magnitude.detach() / v.norm(dim=1))[:, None] * v
+    torch.testing.assert_close(merged.weight, expected, rtol=0, atol=1e-6)
+    x = inputs().to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x.float()), layer(x).float(), rtol=2 ** -7, atol=1e-2)
+    with pytest.raises(RuntimeError, match=r"a QDoRA layer cannot merge in place.*to_merged_linear"):
+        layer.merge()
+
+
+def test_prepare_qlora_with_dora_makes_qdora_layers():
+    model = prepare_qlora(make_model(), ["q_proj", "fc1"], r=2, dora=True)
+    layers = adapter_modules(model)
+    assert layers and all(isinstance(m, QDoRALinear) for m in layers.values())
+    assert count_trainable_params(model) == sum(2 * (m.in_features + m.out_features) + m.out_features
+                                                for m in layers.values())
+    model(token_ids()).float().sum().backward()
+    assert all(m.magnitude.grad is not None for m in layers.values())

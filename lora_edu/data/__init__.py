@@ -2,6 +2,8 @@
 
     scaling_sweeps.json   code/scaling_sweeps.py (chapter 2's fine-tuning sweeps, CPU)
     memory_gpu.json       code/measure_memory.py (chapter 4's measured GPU peaks, an H200)
+    dora_sweeps.json      code/dora_sweeps.py (chapter 5's fine-tuning runs, CPU)
+    dora_speed.json       benchmarks/dora.py --out (chapter 5's GPU timings of the DoRA and LoRA layers, an H200)
 
 Each script rewrites its file; a test checks the file against the script or the ledger.
 """
@@ -13,7 +15,7 @@ from importlib import resources
 
 
 def load(name: str) -> dict:
-    """The stored results `name` ("scaling_sweeps" or "memory_gpu") as a dict."""
+    """The stored results `name` (a file name above, without .json) as a dict."""
     files = sorted(p.name.removesuffix(".json") for p in resources.files(__name__).iterdir()
                    if p.name.endswith(".json"))
     if name not in files:

@@ -89,12 +89,13 @@ BASES = ("fp32", "bf16", "nf4")
 
 
 def adapted_model(r: int | None, alpha: float = 16, rslora: bool = False, targets=QV_TARGETS,
-                  init_seed: int = 0, base: str = "fp32") -> torch.nn.Module:
+                  init_seed: int = 0, base: str = "fp32", dora: bool = False) -> torch.nn.Module:
     """The pretrained tiny transformer with fresh adapters, or, with r=None, fully trainable.
 
     base="bf16" casts the frozen model to bfloat16 before the adapters go in; base="nf4" is the
     QLoRA recipe (prepare_qlora: every linear layer but the head in NF4 with double
     quantization, bfloat16 compute). The adapters themselves are float32 in every case.
+    dora=True makes them DoRA adapters (QDoRA on the NF4 base).
     """
     if base not in BASES:
         raise ValueError(f"base must be one of {BASES}, got {base!r}")
@@ -105,10 +106,10 @@ def adapted_model(r: int | None, alpha: float = 16, rslora: bool = False, target
         return model  # full fine-tuning: every parameter trains
     torch.manual_seed(init_seed)  # the Kaiming draws of every lora_A
     if base == "nf4":
-        return prepare_qlora(model, list(targets), r=r, alpha=alpha, rslora=rslora)
+        return prepare_qlora(model, list(targets), r=r, alpha=alpha, rslora=rslora, dora=dora)
     if base == "bf16":
         model.to(torch.bfloat16)
-    return inject_lora(model, list(targets), r=r, alpha=alpha, rslora=rslora)
+    return inject_lora(model, list(targets), r=r, alpha=alpha, rslora=rslora, dora=dora)
 
 
 class Float32Logits(torch.nn.Module):
@@ -155,7 +156,7 @@ def truncate_updates(model: torch.nn.Module, k: int, targets=QV_TARGETS) -> torc
 
 def finetune(r: int | None, alpha: float = 16, rslora: bool = False, targets=QV_TARGETS, steps: int = 300,
              lr: float = 1e-3, seed: int = 1, task: Task = FINETUNE, every: int = 10, init_seed: int | None = None,
-             base: str = "fp32", return_model: bool = False):
+             base: str = "fp32", return_model: bool = False, dora: bool = False, callback=None):
     """Fine-tune the pretrained tiny transformer once; r=None means full fine-tuning.
 
     seed draws the training batches; init_seed (default seed - 1) the adapters' A. Returns a
@@ -164,19 +165,22 @@ def finetune(r: int | None, alpha: float = 16, rslora: bool = False, targets=QV_
     averaged over each `every` steps), `final` (held-out loss on `task` after training) and
     `pretrain_loss` (held-out loss on the pretraining task PRETRAIN after training: what was
     forgotten). With return_model=True, (that dict, the trained model). Seeded: the same
-    arguments give the same numbers on the same machine.
+    arguments give the same numbers on the same machine. dora=True trains DoRA adapters;
+    callback(step, model) runs after every optimizer step (lora_edu.tiny.model.train).
     """
     if steps % every:
         raise ValueError(f"steps ({steps}) must be a multiple of every ({every}), so the curve has equal windows")
     init_seed = seed - 1 if init_seed is None else init_seed
-    model = adapted_model(r, alpha, rslora, targets, init_seed, base)
+    if dora and r is None:
+        raise ValueError("dora=True needs an adapter rank r; r=None is full fine-tuning")
+    model = adapted_model(r, alpha, rslora, targets, init_seed, base, dora)
     net = model if base == "fp32" else Float32Logits(model)  # a bf16 cross-entropy would round the loss
     first = make_batches(task, 1, seed)[0]  # [B, T + 1], the batch train() draws first with this seed
     grad_norm = adapter_grad_norm(net, first)
-    losses = train(net, task, steps, lr=lr, seed=seed, progress=False)
+    losses = train(net, task, steps, lr=lr, seed=seed, progress=False, callback=callback)
     curve = [sum(losses[i:i + every]) / every for i in range(0, steps, every)]
     final, forgot = evaluate(net, task), evaluate(net, PRETRAIN)
-    record = {"r": r, "alpha": alpha, "rslora": rslora, "targets": list(targets) if r is not None else "all",
+    record = {"r": r, "alpha": alpha, "rslora": rslora, **({"dora": True} if dora else {}), "targets": list(targets) if r is not None else "all",
               "lr": lr, "steps": steps, "seed": seed, "init_seed": init_seed, "base": base,
               "scaling": lora_scaling(alpha, r, rslora) if r is not None else None,
               "trainable": count_trainable_params(model), "grad_norm": grad_norm,

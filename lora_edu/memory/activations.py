@@ -20,6 +20,13 @@ to the byte). The rules, for the ops this decoder uses:
   activations (float32 on a bf16 model, as PEFT makes them, without torch.autocast), each
   adapted layer casts x to their width and keeps that copy; if they are as wide, x is the
   base layer's own input, kept once for every adapter that reads it (q, k and v read one).
+* DoRA (lora_edu.methods.dora; method "dora", or "qdora" on the NF4 base) keeps LoRA's tensors
+  and those of its rescale y = c * z, z = V x = W0 x + s B A x [tokens, out], c = m / ||V||
+  [out]: the product keeps z (for dL/dc, so dL/dm) and c (for dL/dz), and the division keeps
+  the detached ||V|| (for dL/dm), in every adapted layer; a bias changes nothing (addcmul
+  keeps the same two). z and c are in the rescale's dtype, the wider of the activations' and
+  the adapters' (float32 if either is); ||V|| is float32 always. The cast of W0 x and the sum
+  keep nothing.
 * The loss keeps the log-probabilities [tokens, vocab] and the targets (int64); the
   embedding keeps the token ids (int64) if it is trained.
 * Gradient checkpointing (lora_edu.train.checkpointing) keeps each layer's input and nothing inside;
@@ -27,15 +34,19 @@ to the byte). The rules, for the ops this decoder uses:
 
 Names follow nn.Linear orientation and the ledger's short target names (q, k, v, o, gate,
 up, down). Sizes in bytes: act_bytes per activation element (2 for bf16, 4 for float32),
-adapter_bytes per LoRA element.
+adapter_bytes per LoRA element. Dropout is off (p = 0): a dropout mask is not counted.
 """
 
 from __future__ import annotations
 
-from .spec import linear_shapes
+from .spec import _unknown, linear_shapes
 
+# DoRA's term comes last so that the terms before it keep their places (and a chart its colours)
 TERMS = ("token ids", "norms", "linear inputs", "LoRA inputs (float32 copies)", "LoRA A x",
-         "attention", "SwiGLU", "layer inputs (checkpoints)", "loss")
+         "attention", "SwiGLU", "layer inputs (checkpoints)", "loss", "DoRA rescale (V x)")
+METHODS = ("full", "lora", "qlora", "dora", "qdora")
+DORA_METHODS = ("dora", "qdora")  # DoRA's adapters, on a frozen base (dora) or on the NF4 base (qdora)
+NF4_METHODS = ("qlora", "qdora")  # the base's linears stored in 4-bit NF4
 
 
 class _Layer:
@@ -51,7 +62,7 @@ class _Layer:
 
 
 def _decoder_layer(keep, spec, tokens: int, batch: int, seq_len: int, needs_grad: bool, full: bool,
-                   targets, r: int, e: int, a: int, tag: str) -> bool:
+                   targets, r: int, e: int, a: int, tag: str, dora: bool = False) -> bool:
     """Add one layer's saved tensors; return whether its output needs a gradient."""
     h, f, kv = spec.hidden_size, spec.ffn_size, spec.n_kv_heads * spec.head_dim
 
@@ -63,7 +74,7 @@ def _decoder_layer(keep, spec, tokens: int, batch: int, seq_len: int, needs_grad
             keep("norms", f"{tag}{out_name}.xhat", tokens * h * e)
         return x_grad or full
 
-    def linear(name, x_name, x_features, x_grad):
+    def linear(name, x_name, x_features, out_features, x_grad):
         lora = name in targets
         if full:  # x for dL/dW
             keep("linear inputs", f"{tag}{x_name}", tokens * x_features * e)
@@ -73,27 +84,32 @@ def _decoder_layer(keep, spec, tokens: int, batch: int, seq_len: int, needs_grad
             else:  # x cast to the adapter's float32, one copy per adapted layer
                 keep("LoRA inputs (float32 copies)", f"{tag}{name}.x", tokens * x_features * a)
             keep("LoRA A x", f"{tag}{name}.h", tokens * r * a)
+        if lora and dora:  # y = c * z: z and c in the rescale's dtype, and the division's ||V||
+            wide = max(e, a)  # promote_types(base, bypass): the policies mix bf16 with float32 only
+            keep("DoRA rescale (V x)", f"{tag}{name}.vx", tokens * out_features * wide)
+            keep("DoRA rescale (V x)", f"{tag}{name}.scale", out_features * wide)
+            keep("DoRA rescale (V x)", f"{tag}{name}.norm", out_features * 4)
         return x_grad or full or lora
 
     n1 = norm("x", needs_grad, "n1")
-    q, k, v = (linear(name, "n1", h, n1) for name in ("q", "k", "v"))
+    q, k, v = (linear(name, "n1", h, out, n1) for name, out in (("q", h), ("k", kv), ("v", kv)))
     attn = q or k or v
     if attn:  # q, k (after RoPE), v, the output, and the log-sum-exp [batch, heads, seq] float32
         for name, features in (("q", h), ("k", kv), ("v", kv), ("attn_out", h)):
             keep("attention", f"{tag}{name}.sdpa", tokens * features * e)
         keep("attention", f"{tag}lse", batch * spec.n_heads * seq_len * 4)
-    o = linear("o", "attn_out.sdpa", h, attn)  # o_proj's input is the attention output itself
+    o = linear("o", "attn_out.sdpa", h, h, attn)  # o_proj's input is the attention output itself
     needs_grad = needs_grad or o
     n2 = norm("x2", needs_grad, "n2")
-    gate = linear("gate", "n2", h, n2)
-    up = linear("up", "n2", h, n2)
+    gate = linear("gate", "n2", h, f, n2)
+    up = linear("up", "n2", h, f, n2)
     if gate:  # silu(g) keeps g
         keep("SwiGLU", f"{tag}gate_out", tokens * f * e)
     if gate:  # silu(g) * u: u for the gradient of silu(g)
         keep("SwiGLU", f"{tag}up_out", tokens * f * e)
     if up:  # and silu(g) for the gradient of u
         keep("SwiGLU", f"{tag}silu_out", tokens * f * e)
-    down = linear("down", "swiglu", f, gate or up)
+    down = linear("down", "swiglu", f, h, gate or up)
     return needs_grad or down
 
 
@@ -106,8 +122,8 @@ def _check_sizes(batch, seq_len, r, act_bytes, adapter_bytes):
 
 def _targets(spec, method: str, targets) -> set[str]:
     """The short names (q, k, ...) of the adapted linears; unknown names raise, listing the known ones."""
-    if method not in ("full", "lora", "qlora"):
-        raise ValueError(f"unknown method {method!r}; known: full, lora, qlora")
+    if method not in METHODS:
+        raise _unknown("method", method, METHODS)
     if method == "full":
         return set()
     linear_shapes(spec, targets)  # raises for a name the spec does not have
@@ -123,7 +139,8 @@ def saved_activation_terms(spec, batch: int, seq_len: int, method: str = "full",
     """Bytes autograd keeps from the end of the forward to the backward, by term (see TERMS).
 
     method: "full" (every weight trained) or "lora"/"qlora" (frozen base, adapters on targets;
-    QLoRA's base saves nothing more, as its weight is rebuilt in the backward).
+    QLoRA's base saves nothing more, as its weight is rebuilt in the backward), or
+    "dora"/"qdora" (the same, plus DoRA's rescale in each adapted layer).
     """
     _check_sizes(batch, seq_len, r, act_bytes, adapter_bytes)
     full, chosen = method == "full", _targets(spec, method, targets)
@@ -138,7 +155,7 @@ def saved_activation_terms(spec, batch: int, seq_len: int, method: str = "full",
             needs_grad = needs_grad or full or bool(chosen)
         else:
             needs_grad = _decoder_layer(_Layer(terms).keep, spec, tokens, batch, seq_len, needs_grad, full,
-                                        chosen, r, e, adapter_bytes, tag=f"{i}.")
+                                        chosen, r, e, adapter_bytes, tag=f"{i}.", dora=method in DORA_METHODS)
     final = _Layer(terms)
     if needs_grad:  # the final norm's x and 1 / rms(x)
         final.keep("norms", "x", tokens * spec.hidden_size * e)
@@ -158,5 +175,6 @@ def recompute_bytes(spec, batch: int, seq_len: int, method: str = "full", target
     _check_sizes(batch, seq_len, r, act_bytes, adapter_bytes)
     terms = dict.fromkeys(TERMS, 0)
     _decoder_layer(_Layer(terms).keep, spec, batch * seq_len, batch, seq_len, True, method == "full",
-                   _targets(spec, method, targets), r, act_bytes, adapter_bytes, tag="")
+                   _targets(spec, method, targets), r, act_bytes, adapter_bytes, tag="",
+                   dora=method in DORA_METHODS)
     return sum(terms.values())

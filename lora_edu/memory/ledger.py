@@ -6,7 +6,9 @@ gradient 2 + fp32 master weight 4 + Adam m 4 + Adam v 4. Full fine-tuning pays 1
 all P parameters; LoRA pays 2 * P for the frozen base plus 16 * P_lora for the adapters,
 P_lora = sum of r * (d + k); QLoRA (Dettmers et al. 2023, arXiv 2305.14314) stores the base's
 linear weights in 4-bit NF4 with per-block scales, bits_per_param(block_size, double_quant)
-bits each.
+bits each. DoRA (Liu et al. 2024, arXiv 2402.09353) is LoRA plus a magnitude of d numbers per
+adapted [d, k] linear, r * (d + k) + d trained, on the frozen base ("dora") or on QLoRA's
+("qdora"); its rescale keeps V x [tokens, d] per adapted linear for the backward.
 
 Activations are counted op by op by lora_edu.memory.activations: what autograd keeps for this
 architecture (LLaMA: RMSNorm, SwiGLU, fused attention that never stores the T x T scores of a
@@ -26,7 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from ..quant.sizes import scale_bytes
-from .activations import TERMS as ACTIVATION_TERMS, recompute_bytes, saved_activation_terms
+from .activations import (DORA_METHODS, METHODS, NF4_METHODS, TERMS as ACTIVATION_TERMS, recompute_bytes,
+                          saved_activation_terms)
 from .spec import ModelSpec, _unknown, count_params, linear_shapes, lora_params_for
 
 
@@ -59,7 +62,6 @@ POLICIES = {
 # saved tensors, in bf16; mixed precision computes in the bf16 copy)
 ACTIVATION_BYTES = {"mixed_fp32_master": 2, "autocast_fp32": 2, "bf16_fp32_states": 2, "pure_bf16": 2, "fp32": 4}
 OPTIMIZER_STATES = {"adam": 2, "sgd": 0}  # Adam keeps m and v; plain SGD (no momentum) nothing
-METHODS = ("full", "lora", "qlora")
 
 
 @dataclass
@@ -71,7 +73,7 @@ class Ledger:
     gradients: float = 0  # gradients of the base weights (zero when frozen)
     master_weights: float = 0  # fp32 copy the optimizer updates under mixed precision
     optimizer_states: float = 0  # Adam m and v of the base weights
-    lora_weights: float = 0  # the adapters A and B
+    lora_weights: float = 0  # the adapters A and B (and DoRA's magnitude)
     lora_gradients: float = 0
     lora_master_weights: float = 0
     lora_optimizer_states: float = 0
@@ -99,6 +101,7 @@ def estimate_memory(spec: ModelSpec, method: str = "full", policy: str = "mixed_
                     seq_len: int = 0, checkpointing: bool = False, adapter_policy: str | None = None) -> Ledger:
     """Itemised bytes for fine-tuning `spec` on one device. 1 GB here is 1e9 bytes.
 
+    method: "full", "lora", "qlora", or DoRA on the frozen base ("dora") or the NF4 one ("qdora").
     policy sets the bytes of the trained weights (and of the frozen base's weights);
     adapter_policy, if given, those of the LoRA adapters: "fp32" is what PEFT and lora_edu
     do on a 16-bit base (the tutorial's table keeps them under the mixed policy instead;
@@ -126,7 +129,7 @@ def estimate_memory(spec: ModelSpec, method: str = "full", policy: str = "mixed_
     adapters = f" (adapters {adapter_policy})" if adapter_policy and method != "full" else ""
     led = Ledger(label=f"{method} / {policy}{adapters} / {optimizer}")
     if method != "full":
-        P_lora = lora_params_for(spec, targets, r)  # checks targets and r
+        P_lora = lora_params_for(spec, targets, r, dora=method in DORA_METHODS)  # checks targets and r
         aw, ag, am, as_ = POLICIES[adapter_policy or policy]
         led.lora_weights, led.lora_gradients, led.lora_master_weights = P_lora * aw, P_lora * ag, P_lora * am
         led.lora_optimizer_states = P_lora * n_states * as_
@@ -140,10 +143,10 @@ def estimate_memory(spec: ModelSpec, method: str = "full", policy: str = "mixed_
     if method == "full":
         led.weights, led.gradients, led.master_weights = P * w, P * g, P * m
         led.optimizer_states = P * n_states * s
-    elif method == "lora":
+    elif method not in NF4_METHODS:  # lora, dora
         led.weights = P * w  # frozen base, still resident
     else:
-        # QLoRA quantizes every decoder linear; embeddings, norms and lm_head stay at the weight
+        # QLoRA (and QDoRA) quantizes every decoder linear; embeddings, norms and lm_head stay at the weight
         # width w (2 B in bf16). HF PEFT's prepare_model_for_kbit_training upcasts those to fp32.
         shapes = linear_shapes(spec, "all-linear")
         Q = sum(d * k for d, k in shapes)

@@ -17,18 +17,20 @@ from the step before; gradients are cleared with set_to_none before the forward)
                        gradient upcast to float32 under master weights)
 
 Under gradient checkpointing a fourth moment comes later in the backward: the checkpoints
-plus one layer rebuilt (and, at most, every gradient). QLoRA adds one dequantized weight,
-the largest, which exists for the length of one matmul. "resident" is weights, master
-copies, optimizer states and quantization constants, plus one term the textbook ledger
-lacks: cuBLAS keeps a workspace for each thread that runs matmuls, the forward's and
-autograd's backward thread, 32 MiB each on an H200 (code/measure_memory.py measures it;
-other GPUs and libraries differ).
+plus one layer rebuilt (and, at most, every gradient). QLoRA (and QDoRA) adds one
+dequantized weight, the largest, which exists for the length of one matmul. "resident" is
+weights, master copies, optimizer states and quantization constants, plus two terms the
+textbook ledger lacks: cuBLAS keeps a workspace for each thread that runs matmuls, the
+forward's and autograd's backward thread, 32 MiB each on an H200 (code/measure_memory.py
+measures it; other GPUs and libraries differ); and a DoRA layer caches ||W0||^2 per output
+row of its frozen base, float32 [out], from one step to the next.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .activations import DORA_METHODS, NF4_METHODS
 from .ledger import ACTIVATION_BYTES, POLICIES, estimate_memory
 from .spec import linear_shapes
 
@@ -53,10 +55,21 @@ class Peak:
 
 
 def _largest_param(spec, method, targets, r) -> int:
-    """Elements of the largest trained tensor: an embedding or lm_head matrix, or one LoRA factor."""
+    """Elements of the largest trained tensor: an embedding or lm_head matrix, or one LoRA factor.
+
+    DoRA's magnitude [d] never outgrows its layer's factors, B [d, r] and A [r, k]: d <= max(d, k) * r
+    for every r >= 1 (a tie at r = 1 and d >= k, which gives the same maximum).
+    """
     if method == "full":
         return max(spec.vocab_size * spec.hidden_size, *(d * k for d, k in linear_shapes(spec, "all-linear")))
     return max(max(d, k) * r for d, k in linear_shapes(spec, targets))
+
+
+def _dora_norm_cache(spec, method, targets) -> int:
+    """Bytes of DoRA's cached ||W0||^2: float32 [d] per adapted [d, k] linear (DoRALinear._w0_cache)."""
+    if method not in DORA_METHODS:
+        return 0
+    return 4 * sum(d for d, _ in linear_shapes(spec, targets))
 
 
 def estimate_peak(spec, method: str = "full", policy: str = "mixed_fp32_master", adapter_policy: str | None = None,
@@ -68,7 +81,8 @@ def estimate_peak(spec, method: str = "full", policy: str = "mixed_fp32_master",
                           checkpointing, adapter_policy)
     e = ACTIVATION_BYTES[policy]
     resident = (led.weights + led.master_weights + led.optimizer_states + led.quant_constants
-                + led.lora_weights + led.lora_master_weights + led.lora_optimizer_states + workspace_bytes)
+                + led.lora_weights + led.lora_master_weights + led.lora_optimizer_states + workspace_bytes
+                + _dora_norm_cache(spec, method, targets))
     logits = batch * seq_len * spec.vocab_size * e
     trained_policy = policy if method == "full" else (adapter_policy or policy)
     w, g, m, s = POLICIES[trained_policy]
@@ -84,7 +98,7 @@ def estimate_peak(spec, method: str = "full", policy: str = "mixed_fp32_master",
         moments["layer rebuilt in backward"] = {
             "checkpoints": led.activations - led.activation_terms["loss"],
             "recomputed layer": led.recomputed_layer, "gradients": led.gradients + led.lora_gradients}
-    if method == "qlora":  # one weight dequantized to the compute dtype for the length of a matmul
+    if method in NF4_METHODS:  # one weight dequantized to the compute dtype for the length of a matmul
         biggest = max(d * k for d, k in linear_shapes(spec, "all-linear")) * e
         moments["end of forward"]["dequantized weight"] = biggest
     return Peak(resident, moments)

@@ -3,7 +3,8 @@
 Touvron et al. 2023, LLaMA (arXiv 2302.13971), Table 2, for the LLaMA 1 sizes. Every count
 is exact arithmetic on the shapes: embeddings V * h, per layer q, k, v, o plus the SwiGLU
 FFN (gate, up, down) and two RMSNorm weights, a final norm, and lm_head unless tied. LoRA on
-a target set trains sum over targeted linears of r * (d + k). No torch here.
+a target set trains sum over targeted linears of r * (d + k); DoRA (Liu et al. 2024, arXiv
+2402.09353) trains r * (d + k) + d, a magnitude per output row on top. No torch here.
 """
 
 from __future__ import annotations
@@ -108,6 +109,11 @@ def linear_shapes(spec: ModelSpec, targets="all-linear") -> list[tuple[int, int]
     return [per_layer[n] for _ in range(spec.n_layers) for n in dict.fromkeys(names)]  # no repeats
 
 
-def lora_params_for(spec: ModelSpec, targets=("q", "k", "v", "o"), r: int = 8) -> int:
-    """P_lora = sum over targeted linears of r * (d + k)."""
-    return lora_param_count(linear_shapes(spec, targets), r)
+def lora_params_for(spec: ModelSpec, targets=("q", "k", "v", "o"), r: int = 8, dora: bool = False) -> int:
+    """P_lora = sum over targeted linears [d, k] of r * (d + k), plus d each with dora=True.
+
+    DoRA's A [r, k] and B [d, r] are LoRA's; its magnitude m [d] (one length per output row,
+    lora_edu.methods.dora) is trained beside them.
+    """
+    shapes = linear_shapes(spec, targets)
+    return lora_param_count(shapes, r) + (sum(d for d, _ in shapes) if dora else 0)

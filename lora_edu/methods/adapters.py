@@ -113,10 +113,9 @@ def _layers_for_file(model: nn.Module, config: dict, path: str) -> dict:
         raise AdapterFileError(f"adapter file {path!r} adapts {missing}, which are not nn.Linear layers "
                                "of this model")
     cls = DoRALinear if config["method"] == "dora" else LoRALinear
-    kwargs = {} if config["method"] == "dora" else {"dropout": config["dropout"]}
     try:
         return {name: cls(nn.Linear(linears[name].in_features, linears[name].out_features, device="meta"),
-                          r=config["r"], alpha=config["alpha"], rslora=config["rslora"], **kwargs)
+                          r=config["r"], alpha=config["alpha"], rslora=config["rslora"], dropout=config["dropout"])
                 for name in config["targets"]}
     except (TypeError, ValueError, RuntimeError) as err:  # e.g. an r too large for any tensor
         raise AdapterFileError(f"adapter file {path!r} records r={config['r']!r}, which no layer of "

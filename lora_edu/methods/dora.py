@@ -11,15 +11,37 @@ Key equation (nn.Linear orientation, W0 [out, in]; norms are per output row, ove
 At init B = 0, so V = W0 and W' = W0: the layer starts as the identity on the base model.
 As in DoRA section 4.3 and HF PEFT, ||V|| is treated as a constant in the backward pass
 (detached), which saves memory and changes the forward value not at all.
+
+The forward never builds W' (or V) as an [out, in] tensor. With c = magnitude / ||V||:
+
+    y = W' x + b = c * (W0 x + s * B A x) + b          W0 x in the base's own dtype
+
+and the row norms come from small products only, never from a float32 copy of W0:
+
+    ||V||^2_row = ||W0||^2_row + 2 s * rowsum(B * (W0 A^T)) + s^2 * rowsum((B A A^T) * B)
+
+||W0||^2 is cached (W0 is frozen), W0 A^T is [out, r] and A A^T is [r, r]. The cost that is
+left is one extra read of W0 per forward (for W0 A^T) and the rescale of the output.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .lora import LoRALinear
+
+
+def check_nonzero_rows(row_sq_norms: torch.Tensor, where: str) -> None:
+    """Raise if a row of W0 is zero: its direction W0 / ||W0|| is 0 / 0 (PEFT computes NaN there)."""
+    if row_sq_norms.device.type == "meta":
+        return  # a stand-in with no values; the real weight is checked when it is wrapped
+    zero = torch.nonzero(row_sq_norms == 0).flatten().tolist()
+    if zero:
+        shown = zero[:8] + (["..."] if len(zero) > 8 else [])
+        raise ValueError(f"DoRA cannot adapt {where}: {len(zero)} row(s) of its weight are all zeros "
+                         f"(rows {shown}), so their direction W0 / ||W0|| is undefined (0 / 0). Use plain "
+                         "LoRA there (dora=False), or leave the layer out of target_modules.")
 
 
 class DoRALinear(LoRALinear):
@@ -28,16 +50,50 @@ class DoRALinear(LoRALinear):
     adapter_parameter_names = ("lora_A", "lora_B", "magnitude")
     method = "dora"
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, rslora: bool = False):
-        super().__init__(base, r=r, alpha=alpha, dropout=0.0, rslora=rslora)
-        with torch.no_grad():
-            row_norm = base.weight.float().norm(dim=1)  # [out]
-        self.magnitude = nn.Parameter(row_norm)  # one trainable length per output row
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 rslora: bool = False, bypass_dtype: torch.dtype | None = None):
+        super().__init__(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora, bypass_dtype=bypass_dtype)
+        self._w0_cache = None  # (frozen_version(), ||W0||^2 per row): recomputed only when W0 changes
+        check_nonzero_rows(self.frozen_row_sq_norms(), f"this {type(self.base).__name__}")
+        # B = 0 here, so weight_norm() is ||W0||, computed the very way the forward computes it:
+        # magnitude / weight_norm() is exactly 1 at init, and the layer is exactly the base
+        self.magnitude = nn.Parameter(self.weight_norm())  # [out], one trainable length per row
         self._merged_norm = None  # ||V||_row at merge time, needed to unmerge
 
-    def directed_weight(self) -> torch.Tensor:
-        """V = W0 + s * B @ A and its detached row norm, both float32: ([out, in], [out])."""
-        v = self.base.weight.float() + self.delta_weight()  # [out, in]
+    @torch.no_grad()
+    def frozen_row_sq_norms(self) -> torch.Tensor:
+        """||W0||^2 per output row, [out] float32, cached until W0 changes (merge, load, .to)."""
+        key = self.frozen_version()
+        if self._w0_cache is None or self._w0_cache[0] != key:
+            w0 = self.frozen_weight()  # its own dtype: the float32 accumulation needs no float32 copy
+            self._w0_cache = (key, torch.linalg.vector_norm(w0, dim=1, dtype=torch.float32).square())
+        return self._w0_cache[1]
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """||V||_row = ||W0 + s B A||_row, [out] float32, detached, without forming V.
+
+        With b_i the i-th row of B:  ||V_i||^2 = ||W0_i||^2 + b_i . (2s (W0 A^T)_i + s^2 (B A A^T)_i),
+        one addmm over [out, r] tensors. Only W0 A^T reads W0, in W0's own dtype (A is cast to
+        it; the rounding of A moves the norm by about 2^-9 of the cross term, far below a bf16
+        output's rounding). Float cancellation: if V's row were much shorter than W0's, the
+        relative error would grow like ||W0||^2 / ||V||^2; an adapter that cancels its row is
+        not what training makes.
+        """
+        s = self.scaling
+        a, b = self.lora_A.float(), self.lora_B.float()  # [r, in], [out, r]
+        w0 = self.frozen_weight()  # [out, in], in the dtype the base computes in
+        w0_a = (w0 @ a.to(w0.dtype).T).float()  # [out, r]: the one pass over W0
+        terms = torch.addmm(w0_a, b, a @ a.T, beta=2 * s, alpha=s * s)  # 2s W0 A^T + s^2 B (A A^T)
+        return (self.frozen_row_sq_norms() + (b * terms).sum(dim=1)).clamp_min(0).sqrt()
+
+    def directed_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """V = W0 + s * B @ A and its detached row norm, both float32: ([out, in], [out]).
+
+        Built in full only for merging and for teaching; the forward uses weight_norm(). W0 is
+        the one the base computes with (an NF4 base's, dequantized to its compute dtype).
+        """
+        v = self.frozen_weight().float() + self.delta_weight()  # [out, in]
         return v, v.norm(dim=1).detach()  # [out]
 
     def effective_weight(self) -> torch.Tensor:
@@ -45,12 +101,31 @@ class DoRALinear(LoRALinear):
         v, norm = self.directed_weight()
         return (self.magnitude / norm)[:, None] * v  # [out, 1] * [out, in]
 
+    def merged_weight(self) -> torch.Tensor:
+        return self.effective_weight().detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        bias = None if self.base.bias is None else self.base.bias.float()
-        out = F.linear(x.float(), self.effective_weight(), bias)  # [..., out]
-        return out.to(x.dtype)
+        c = self.magnitude / self.weight_norm()  # m / ||V||, [out]; the norm is a constant for autograd
+        bias = self.base.bias
+        if self.training and self.dropout_p > 0:
+            # PEFT's DoRA: the base output keeps the whole x, the rescale and the bypass see the
+            # dropped-out x~, so W0 runs twice: y = base(x) + (c - 1) * W0 x~ + c * s * B A x~
+            out = self.base(x)
+            xd = self.bypass_input(x)
+            wx = self.base_product(xd.to(out.dtype))
+            dtype = torch.promote_types(wx.dtype, self.compute_dtype)
+            c = c.to(dtype)
+            return out + ((c - 1) * wx.to(dtype) + c * self.lora_product(xd)).to(out.dtype)  # PEFT's form
+        wx = self.base_product(x)  # W0 x in the base's dtype, [..., out]
+        # the rescale runs in the wider of the base's and the bypass's dtypes: a bf16 bypass
+        # never rounds a float32 base product, and a bf16 one with a bf16 bypass stays bf16
+        dtype = torch.promote_types(wx.dtype, self.compute_dtype)
+        z = self.add_lora_product(wx.to(dtype), self.bypass_input(x))  # V x, kept for the magnitude's gradient
+        c = c.to(dtype)
+        y = c * z if bias is None else torch.addcmul(bias.to(dtype), c, z)  # c * V x + b
+        return y.to(wx.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .dora import DoRALinear
+from .dora import DoRALinear, check_nonzero_rows
 from .hparams import check_lora_hparams
-from .lora import LoRALinear
+from .lora import LoRALinear, check_bypass_dtype
 
 
 def _matches(name: str, target: str) -> bool:
@@ -50,39 +50,42 @@ def adapter_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16,
-                dropout: float = 0.0, rslora: bool = False, dora: bool = False) -> nn.Module:
+                dropout: float = 0.0, rslora: bool = False, dora: bool = False,
+                bypass_dtype=None) -> nn.Module:
     """Wrap every nn.Linear whose name matches a target in a LoRALinear (or DoRALinear).
 
     Works in place and returns `model`. Everything that is not an adapter is frozen. Every
-    check runs before the model is touched, so a bad call leaves it as it was.
+    check runs before the model is touched, so a bad call leaves it as it was. bypass_dtype
+    (None: float32) is the dtype the bypass computes in; see lora_edu.methods.lora.
     """
     check_lora_hparams(r, alpha, dropout)
-    if dora and dropout:
-        raise ValueError("dora=True supports no dropout here; pass dropout=0.0 "
-                         "(HF PEFT's DoRA handles dropout with an extra forward pass)")
+    check_bypass_dtype(bypass_dtype)
     if adapter_modules(model):
         raise ValueError("this model already has LoRA layers; call inject_lora once per model "
                          "(for a fresh adapter, start from a fresh copy of the base model)")
     chosen = resolve_targets(model, target_modules)
-    return wrap_modules(model, chosen, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora)
+    return wrap_modules(model, chosen, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora,
+                        bypass_dtype=bypass_dtype)
 
 
 def wrap_modules(model: nn.Module, names, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 rslora: bool = False, dora: bool = False) -> nn.Module:
+                 rslora: bool = False, dora: bool = False, bypass_dtype=None) -> nn.Module:
     """Freeze `model` and wrap exactly the nn.Linear layers with these full dotted names.
 
     inject_lora resolves target patterns to names and then calls this; load_adapter calls it
     with the names an adapter file records.
     """
+    if dora:  # DoRA refuses a weight with a zero row: check them all before changing anything
+        for name in names:
+            w = model.get_submodule(name).weight.detach()
+            check_nonzero_rows(w.float().square().sum(dim=1), repr(name))
+    cls = DoRALinear if dora else LoRALinear
     model.requires_grad_(False)
     for name in names:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        base = getattr(parent, child_name)
-        if dora:
-            layer = DoRALinear(base, r=r, alpha=alpha, rslora=rslora)
-        else:
-            layer = LoRALinear(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+        layer = cls(getattr(parent, child_name), r=r, alpha=alpha, dropout=dropout, rslora=rslora,
+                    bypass_dtype=bypass_dtype)
         setattr(parent, child_name, layer)
     return model
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 
 from .safe_files import (HASH_KEY, AdapterFileError, check_config, check_hash, content_hash, read_safetensors,
                          write_safetensors)
@@ -114,10 +113,6 @@ def _from_peft_config(raw: dict, path: str) -> dict:
             raise AdapterFileError(f"{path!r} records {key}={raw[key]!r}; it must be true or false")
     method = "dora" if raw.get("use_dora", False) else "lora"
     dropout = raw.get("lora_dropout", 0.0)
-    if method == "dora" and isinstance(dropout, (int, float)) and 0 < dropout < 1:
-        warnings.warn(f"{path!r}: lora_edu's DoRALinear has no dropout, so lora_dropout={dropout} is "
-                      "dropped. Outputs in eval mode are the same; training on from here differs.", stacklevel=3)
-        dropout = 0.0
     return {"method": method, "r": raw["r"], "alpha": raw["lora_alpha"],
             "rslora": raw.get("use_rslora", False), "dropout": dropout}
 

@@ -103,7 +103,4 @@ def check_config(config: dict, path: str) -> dict:
     targets = config["targets"]
     if not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
         raise AdapterFileError(f"{path!r} records targets={targets!r}; it must be a non-empty list of module names")
-    if config["method"] == "dora" and config["dropout"]:
-        raise AdapterFileError(f"{path!r} is a DoRA adapter with dropout={config['dropout']}; lora_edu's "
-                               "DoRALinear has no dropout")
     return config

@@ -14,7 +14,7 @@ NAMES = {
     "dynamic_map": "double_quant", "double_quantize": "double_quant", "DoubleQuantizedAbsmax": "double_quant",
     "quantize_nf4": "quantized", "quantize_4bit": "quantized", "QuantizedTensor": "quantized",
     "bits_per_param": "sizes", "scale_bytes": "sizes",
-    "NF4Linear": "qlora", "QLoRALinear": "qlora", "prepare_qlora": "qlora",
+    "NF4Linear": "qlora", "QLoRALinear": "qlora", "QDoRALinear": "qlora", "prepare_qlora": "qlora",
 }
 
 __getattr__, __dir__, __all__ = attach(__name__, NAMES)

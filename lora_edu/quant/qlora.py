@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..methods.dora import DoRALinear, check_nonzero_rows
 from ..methods.hparams import check_lora_hparams
 from ..methods.inject import _matches, adapter_modules, resolve_targets
-from ..methods.lora import LoRALinear
+from ..methods.lora import LoRALinear, check_bypass_dtype
 from .double_quant import DoubleQuantizedAbsmax
 from .quantized import QuantizedTensor, quantize_nf4
 
@@ -118,41 +119,56 @@ class NF4Linear(nn.Module):
                 f"compute_dtype={self.compute_dtype}")
 
 
-class QLoRALinear(LoRALinear):
-    """LoRA on top of an NF4Linear. The adapter stays float32; the base computes in bf16.
+class _NF4Base:
+    """What LoRA and DoRA layers over an NF4Linear share: reading W0, and no in-place merge.
 
-    float32 adapters are PEFT's convention too; the QLoRA paper's eq. 5 keeps them in bf16.
+    Mixed in before LoRALinear / DoRALinear, whose forward and norms call these methods.
     """
 
     base_type = NF4Linear
     mergeable = False  # merge_lora checks this before it merges anything
 
+    def frozen_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.base.dequantized_weight(dtype)  # rebuilt from the codes on every call
+
+    def base_product(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.base.compute_dtype
+        return _NF4Matmul.apply(x.to(dtype), self.base.weight_q, None, dtype)  # [..., out], no bias
+
+    def frozen_version(self) -> tuple:
+        codes = self.base.codes
+        return codes.data_ptr(), codes._version, codes.device
+
     @classmethod
     def from_linear(cls, base: nn.Linear, r: int = 8, alpha: float = 16, block_size: int = 64,
                     double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
-                    dropout: float = 0.0, rslora: bool = False) -> "QLoRALinear":
-        """Quantize base's weight to NF4 and put a fresh LoRA bypass beside it."""
+                    dropout: float = 0.0, rslora: bool = False, bypass_dtype: torch.dtype | None = None):
+        """Quantize base's weight to NF4 and put a fresh adapter beside it."""
         if not isinstance(base, nn.Linear):
-            raise TypeError(f"QLoRALinear.from_linear takes an nn.Linear, got {type(base).__name__}")
+            raise TypeError(f"{cls.__name__}.from_linear takes an nn.Linear, got {type(base).__name__}")
         # the usual checks first, so a bad r or alpha fails before the (slow) quantization
-        LoRALinear(nn.Linear(1, 1, device="meta"), r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+        LoRALinear(nn.Linear(1, 1, device="meta"), r=r, alpha=alpha, dropout=dropout, rslora=rslora,
+                   bypass_dtype=bypass_dtype)
+        if cls.method == "dora":  # a zero row is refused before quantizing too
+            check_nonzero_rows(base.weight.detach().float().square().sum(dim=1), f"this {cls.__name__}'s base")
         nf4 = NF4Linear.from_linear(base, block_size, double_quant, compute_dtype)
-        return cls(nf4, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+        return cls(nf4, r=r, alpha=alpha, dropout=dropout, rslora=rslora, bypass_dtype=bypass_dtype)
 
     def merge(self) -> None:
-        raise RuntimeError("a QLoRA layer cannot merge in place: W0 + dW is not on the NF4 grid, so the sum "
-                           "would be re-quantized and lose precision. Call to_merged_linear(torch.bfloat16) "
-                           "for a plain nn.Linear holding dequant(W0) + dW.")
+        raise RuntimeError(f"a {type(self).__name__.removesuffix('Linear')} layer cannot merge in place: its merged weight is not on "
+                           "the NF4 grid, so it would be re-quantized and lose precision. Call "
+                           "to_merged_linear(torch.bfloat16) for a plain nn.Linear holding the merged weight.")
 
     def unmerge(self) -> None:
-        raise RuntimeError("a QLoRA layer is never merged in place, so there is nothing to unmerge; "
-                           "to_merged_linear(dtype) returns the merged layer as a separate nn.Linear")
+        raise RuntimeError(f"a {type(self).__name__.removesuffix('Linear')} layer is never merged in place, so there is nothing to "
+                           "unmerge; to_merged_linear(dtype) returns the merged layer as a separate nn.Linear")
 
     @torch.no_grad()
     def to_merged_linear(self, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:
-        """dequantize -> merge -> a plain nn.Linear in dtype: dequant(W0) + s * B @ A, rounded once."""
+        """dequantize -> merge -> a plain nn.Linear in dtype, rounded once: dequant(W0) + s * B @ A
+        for QLoRA, magnitude * V / ||V|| with V = dequant(W0) + s * B @ A for QDoRA."""
         _check_float_dtype(dtype, "the merged layer's dtype")
-        w = self.base.dequantized_weight(torch.float32) + self.delta_weight()  # [out, in] float32
+        w = self.merged_weight()  # [out, in] float32
         merged = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
                            device=w.device, dtype=dtype)
         merged.weight.copy_(w.to(dtype))
@@ -161,30 +177,54 @@ class QLoRALinear(LoRALinear):
         return merged.requires_grad_(False)
 
 
+class QLoRALinear(_NF4Base, LoRALinear):
+    """LoRA on top of an NF4Linear. The adapter stays float32; the base computes in bf16.
+
+    float32 adapters are PEFT's convention too; the QLoRA paper's eq. 5 keeps them in bf16.
+    """
+
+
+class QDoRALinear(_NF4Base, DoRALinear):
+    """DoRA on top of an NF4Linear (QDoRA): the magnitude and the row norms of dequant(W0).
+
+    The forward runs the base product through the NF4 matmul (W0 rebuilt per call, as for
+    QLoRA) and W0 A^T for the norm from one more dequantization, under no_grad; ||W0||^2 is
+    computed once from the codes. PEFT's DoRA on a bitsandbytes Linear4bit does the same maths.
+    """
+
+
 def prepare_qlora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16, block_size: int = 64,
                   double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
-                  dropout: float = 0.0, rslora: bool = False, skip=("lm_head",)) -> nn.Module:
+                  dropout: float = 0.0, rslora: bool = False, skip=("lm_head",), dora: bool = False,
+                  bypass_dtype: torch.dtype | None = None) -> nn.Module:
     """The QLoRA recipe for a whole model, in place: NF4 base, float32 adapters on the targets.
 
     Every nn.Linear except those named in `skip` (the output head, as in the QLoRA paper
-    and PEFT) is quantized to NF4; the targeted ones also get a LoRA bypass. Everything
+    and PEFT) is quantized to NF4; the targeted ones also get a LoRA bypass (a QDoRA one with
+    dora=True). Everything
     else (embeddings, norms, the head) is cast to compute_dtype and frozen. Target names
     are checked, and r, alpha and the dtype too, before the model is touched.
     """
     check_lora_hparams(r, alpha, dropout)
+    check_bypass_dtype(bypass_dtype)
     _check_float_dtype(compute_dtype, "compute_dtype")
     if adapter_modules(model):
         raise ValueError("this model already has LoRA layers; prepare_qlora takes a plain base model")
     chosen = set(resolve_targets(model, target_modules, exclude=skip))
+    if dora:  # a zero row would stop the loop below half-way, with the model already changed
+        for name in chosen:
+            w = model.get_submodule(name).weight.detach()
+            check_nonzero_rows(w.to(compute_dtype).float().square().sum(dim=1), repr(name))
     model.requires_grad_(False).to(compute_dtype)  # before quantizing: the codes come from 16-bit weights
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or any(_matches(name, k) for k in skip):
             continue
         parent_name, _, child_name = name.rpartition(".")
         if name in chosen:
-            layer = QLoRALinear.from_linear(module, r=r, alpha=alpha, block_size=block_size,
-                                            double_quant=double_quant, compute_dtype=compute_dtype,
-                                            dropout=dropout, rslora=rslora)
+            cls = QDoRALinear if dora else QLoRALinear
+            layer = cls.from_linear(module, r=r, alpha=alpha, block_size=block_size, double_quant=double_quant,
+                                    compute_dtype=compute_dtype, dropout=dropout, rslora=rslora,
+                                    bypass_dtype=bypass_dtype)
         else:
             layer = NF4Linear.from_linear(module, block_size, double_quant, compute_dtype)
         setattr(model.get_submodule(parent_name), child_name, layer)

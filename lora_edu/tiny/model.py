@@ -182,14 +182,15 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def train(model: nn.Module, data, steps: int, lr: float = 3e-3, seed: int = 0, optimizer="adam",
-          batch_size: int = 32, progress: bool = True) -> list[float]:
+          batch_size: int = 32, progress: bool = True, callback=None) -> list[float]:
     """Train the parameters that require grad for `steps` steps; return the loss of each step.
 
     data: a Task (fresh batches drawn with `seed`) or a tensor of batches [n, B, T + 1],
     cycled. optimizer: "adam" (lora_edu.Adam, not torch.optim, which costs a second to
     construct) or an already-built optimizer over the model's trainable parameters.
     Same model, data and seed on the same machine give bit-identical losses. Leaves the
-    model in eval mode.
+    model in eval mode. callback(step, model), if given, runs after each optimizer step
+    (step counts from 1), under no_grad: to record weights along the way.
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
@@ -211,6 +212,9 @@ def train(model: nn.Module, data, steps: int, lr: float = 3e-3, seed: int = 0, o
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if callback is not None:
+            with torch.no_grad():
+                callback(step + 1, model)
         if step % 20 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()

@@ -1,0 +1,68 @@
+"""What the sweep scripts in code/ share: running seeded fine-tunes in worker processes and
+storing their results as small, diff-friendly JSON.
+
+Each run is one process with one thread, so a run gives the same numbers however many run
+beside it; stored floats are rounded to a few significant digits, which is all a chapter
+prints and what survives another CPU's kernels best.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+
+def run_all(fn, jobs: list, n_jobs: int = 1, progress: bool = True, desc: str = "fine-tuning runs") -> list:
+    """[fn(job) for job in jobs], in worker processes if n_jobs > 1, with a progress bar."""
+    from tqdm import tqdm
+
+    if n_jobs < 1:
+        raise ValueError(f"n_jobs must be at least 1, got {n_jobs}")
+    with tqdm(total=len(jobs), desc=desc, disable=not progress) as bar:
+        if n_jobs == 1:
+            results = []
+            for job in jobs:
+                results.append(fn(job))
+                bar.update()
+            return results
+        with ProcessPoolExecutor(n_jobs, mp_context=get_context("spawn")) as pool:
+            results = []
+            for result in pool.map(fn, jobs):
+                results.append(result)
+                bar.update()
+            return results
+
+
+def cpu_name() -> str:
+    """The CPU model, for the record: the stored figures move in their third digit on another one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def rounded(value, sig: int = 5):
+    """Round floats (also inside lists and dicts) to `sig` significant digits; NaN/inf become None."""
+    if isinstance(value, float):
+        return float(f"{value:.{sig}g}") if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, sig) for v in value]
+    if isinstance(value, dict):
+        return {k: rounded(v, sig) for k, v in value.items()}
+    return value
+
+
+def to_json(data: dict) -> str:
+    """JSON with one line per entry of each top-level section: small, and readable in a diff."""
+    lines = []
+    for section, value in data.items():
+        items = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items()]
+        lines.append(f"{json.dumps(section)}: {{\n" + ",\n".join(items) + "\n }")
+    return "{\n " + ",\n ".join(lines) + "\n}\n"

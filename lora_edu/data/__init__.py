@@ -2,6 +2,7 @@
 
     scaling_sweeps.json   code/scaling_sweeps.py (chapter 2's fine-tuning sweeps, CPU)
     memory_gpu.json       code/measure_memory.py (chapter 4's measured GPU peaks, an H200)
+    dora_sweeps.json      code/dora_sweeps.py (chapter 5's fine-tuning runs, CPU)
     dora_speed.json       benchmarks/dora.py --out (chapter 5's GPU timings of the DoRA and LoRA layers, an H200)
 
 Each script rewrites its file; a test checks the file against the script or the ledger.

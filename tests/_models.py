@@ -59,6 +59,17 @@ class TinyModel(nn.Module):
         return self.head(x)  # [batch, seq, vocab]
 
 
+class OneLayer(nn.Module):
+    """One layer named `proj`, so PEFT can target it by name (target_modules=["proj"])."""
+
+    def __init__(self, proj: nn.Module):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
 def make_model(seed: int = 0, **kw) -> TinyModel:
     torch.manual_seed(seed)
     return TinyModel(**kw)

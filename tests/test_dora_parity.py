@@ -21,19 +21,11 @@ from torch import nn
 peft = pytest.importorskip("peft")  # the import takes a few seconds; once per module
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
+from _models import OneLayer  # noqa: E402
 from lora_edu import DoRALinear, NF4Linear, QDoRALinear, quantize_nf4  # noqa: E402
 
 IN, OUT, R, ALPHA, TOKENS = 40, 48, 4, 8, 6  # a non-square layer: a per-input norm could not broadcast
 U_BF16 = 2.0 ** -8
-
-
-class Tiny(nn.Module):
-    def __init__(self, proj):
-        super().__init__()
-        self.proj = proj
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def pair(dtype=torch.float32, bias=True, rslora=False, dropout=0.0, bypass_dtype=None, base=None):
@@ -44,7 +36,7 @@ def pair(dtype=torch.float32, bias=True, rslora=False, dropout=0.0, bypass_dtype
                       bypass_dtype=bypass_dtype)
     config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"], lora_dropout=dropout, use_dora=True,
                         use_rslora=rslora)
-    theirs = get_peft_model(Tiny(copy.deepcopy(linear)), config)
+    theirs = get_peft_model(OneLayer(copy.deepcopy(linear)), config)
     layer = theirs.base_model.model.proj
     copy_trained_adapters_(ours, layer)
     return ours, theirs, layer
@@ -217,7 +209,7 @@ def test_qdora_equals_peft_dora_on_linear4bit(double_quant):
     base4 = bnb.nn.Linear4bit(in_f, out_f, compute_dtype=torch.bfloat16, quant_type="nf4",
                               compress_statistics=double_quant)
     base4.load_state_dict(linear.state_dict())
-    model = Tiny(base4.to("cpu"))  # the move quantizes
+    model = OneLayer(base4.to("cpu"))  # the move quantizes
     model.is_loaded_in_4bit = True  # what PEFT reads to pick its 4-bit layer
     with torch.compiler.set_stance("force_eager"):
         theirs = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"], use_dora=True))

@@ -21,6 +21,8 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")  # prints a harmless "kernels" warning
 
+from _models import OneLayer  # noqa: E402
+
 from lora_edu import NF4Linear, QLoRALinear, quantize_nf4  # noqa: E402
 
 R, ALPHA, BLOCK = 8, 16, 64
@@ -189,22 +191,13 @@ def test_qlora_forward_matches_linear4bit_plus_the_bypass(double_quant):
 
 
 # ------------------------------------------------------------------ PEFT on a Linear4bit
-class Tiny(nn.Module):
-    def __init__(self, proj):
-        super().__init__()
-        self.proj = proj
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 @pytest.mark.parametrize("double_quant", [False, True], ids=["no_dq", "dq_lut"])
 def test_peft_lora_on_linear4bit_equals_ours(double_quant):
     peft = pytest.importorskip("peft")
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
     linear = make_linear(48, 128)
-    model = Tiny(bnb_linear4bit(linear, double_quant))
+    model = OneLayer(bnb_linear4bit(linear, double_quant))
     model.is_loaded_in_4bit = True  # what PEFT reads to pick its 4-bit LoRA layer
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"],
                                                             lora_dropout=0.0))

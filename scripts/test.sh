@@ -5,7 +5,7 @@
 # 2. Debian's chromium for the browser test (installed with apt-get when run as root);
 # 3. the web book, built into _build/html (the browser test reads it);
 # 4. pytest: unit and parity tests, strict nbval on every notebook, the browser test;
-# 5. strict nbval on every notebook once more, and the re-run of chapter 2's stored sweeps,
+# 5. strict nbval on every notebook once more, and the re-runs of chapters 2 and 5's stored sweeps,
 #    on other CPU code paths: ATen's portable kernels instead of AVX2/AVX-512
 #    (ATEN_CPU_CAPABILITY=default), MKL's reproducible-across-CPUs mode (MKL_CBWR=COMPATIBLE)
 #    and one thread. Each moves figures that went through a training loop on this machine, as
@@ -34,4 +34,5 @@ echo "== running the tests"
 echo "== the notebooks and the stored sweeps again, on other CPU code paths"
 ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
   .venv/bin/python -m pytest notebooks book tests/test_scaling.py::test_committed_sweeps_equal_a_quick_rerun \
+  tests/test_dora_sweeps.py::test_committed_dora_sweeps_equal_a_quick_rerun \
   "${NBVAL[@]}" -q

@@ -18,6 +18,9 @@ from lora_edu.experiments.scaling import Float32Logits, adapted_model, truncate_
 from lora_edu.experiments.subspace import energy_share, singular_values, subspace_similarity, top_directions
 from lora_edu.tiny.tasks import FINETUNE, make_batches
 
+import _sweeps  # noqa: E402
+from _sweeps import close  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "lora_edu" / "data" / "scaling_sweeps.json"
 RANKS = [2 ** i for i in range(11)]  # 1 .. 1024
@@ -231,18 +234,8 @@ TOLERANCE = {"grad_norm": 0.05, "curve": 0.025, "final": 0.02, "pretrain_loss": 
 SPECTRUM_TOP, SPECTRUM_REL, KURTOSIS_ABS, HISTOGRAM_MOVED = 8, 0.12, 0.015, 0.016
 
 
-def close(a, b, rel: float) -> bool:
-    """a and b equal, except that floats (also inside lists) may differ by rel of their size."""
-    if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=rel)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(close(x, y, rel) for x, y in zip(a, b))
-    return a == b and type(a) is type(b)
-
-
 def same_run(stored: dict, fresh: dict) -> bool:
-    """Settings and counts equal exactly; measured figures within their TOLERANCE."""
-    return stored.keys() == fresh.keys() and all(close(stored[k], fresh[k], TOLERANCE.get(k, 0.0)) for k in stored)
+    return _sweeps.same_run(stored, fresh, TOLERANCE)
 
 
 def test_close_and_same_run_can_fail():

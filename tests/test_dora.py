@@ -306,6 +306,7 @@ def test_a_zero_row_is_refused_with_the_rows_named():
         base.weight[7] = 0
     with pytest.raises(ValueError, match=r"2 row\(s\) of its weight are all zeros \(rows \[3, 7\]\).*dora=False"):
         DoRALinear(base, r=R)
+    assert base.weight.requires_grad and base.bias.requires_grad  # the refused layer did not freeze it
     LoRALinear(base, r=R)  # plain LoRA is fine there: W0 + dW needs no direction
 
 

@@ -26,7 +26,6 @@ import argparse
 import copy
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_edu import DoRALinear, LoRALinear  # noqa: E402
+from lora_edu.experiments.runner import cpu_name  # noqa: E402
 from lora_edu.memory.measure import saved_activations  # noqa: E402
 
 BACK_TO_BACK = 5  # steps queued without waiting, as a training loop queues its layers
@@ -175,7 +175,7 @@ def main(argv=None) -> dict:
     from tqdm.auto import tqdm
 
     run = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if cuda else
-           platform.processor() or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "rounds": rounds, "sizes": []}
     try:
         import peft

@@ -80,11 +80,14 @@ mutant("lora.scaling_ignores_rslora", "methods/lora.py",
        "self.scaling = lora_scaling(alpha, r, rslora)", "self.scaling = lora_scaling(alpha, r)",
        "LoRALinear(rslora=True) still scales by alpha/r", T + "test_lora.py")
 mutant("lora.forward_drops_scaling", "methods/lora.py",
-       "return out + (self.scaling * (h @ self.lora_B.T)).to(out.dtype)",
-       "return out + (h @ self.lora_B.T).to(out.dtype)",
+       "return ((x @ a.T) @ b.T) * self.scaling", "return ((x @ a.T) @ b.T)",
        "the forward adds B A x without s (merge still uses s)", T + "test_lora.py")
+mutant("lora.fast_path_drops_scaling", "methods/lora.py",
+       "(self.lora_B * self.scaling).to(dtype).T", "self.lora_B.to(dtype).T",
+       "the bypass_dtype fast path (addmm into out) adds B A x without s",
+       T + "test_lora.py")
 mutant("lora.no_dropout_on_bypass", "methods/lora.py",
-       "x = self.lora_dropout(x.to(self.lora_A.dtype))", "x = x.to(self.lora_A.dtype)",
+       "return self.lora_dropout(x.to(self.compute_dtype))", "return x.to(self.compute_dtype)",
        "lora_dropout is built but never applied", T + "test_lora.py")
 mutant("lora.kaiming_a5", "methods/lora.py",
        "nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))", "nn.init.kaiming_uniform_(self.lora_A, a=5)",
@@ -99,23 +102,71 @@ mutant("lora.merged_still_adds_bypass", "methods/lora.py",
 mutant("lora.base_not_frozen", "methods/lora.py",
        "base.requires_grad_(False)  # W0 (and its bias) stay frozen", "pass  # W0 (and its bias) stay frozen",
        "the wrapped base layer stays trainable", T + "test_lora.py")
+mutant("lora.frozen_version_ignores_writes", "methods/lora.py",
+       "return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in self.frozen_tensors())",
+       "return tuple((t.data_ptr(), t.dtype, t.device) for t in self.frozen_tensors())",
+       "the cache key of W0 ignores in-place writes (load_state_dict, merge): DoRA keeps a stale ||W0||^2",
+       T + "test_dora.py")
+# DoRALinear: norms from ||W0||^2 (cached) + 2s B.(W0 A^T) + s^2 B(AA^T).B, the rescale, merge, dropout
 mutant("dora.magnitude_column_norm", "methods/dora.py",
-       "row_norm = base.weight.float().norm(dim=1)  # [out]", "row_norm = base.weight.float().norm(dim=0)  # [out]",
-       "DoRA's magnitude starts as the column norms (wrong axis)", T + "test_dora.py")
+       "torch.linalg.vector_norm(w0, dim=1, dtype=torch.float32)", "torch.linalg.vector_norm(w0, dim=0, dtype=torch.float32)",
+       "||W0||^2 (and so the magnitude and every ||V||) taken over columns (wrong axis)", T + "test_dora.py")
+# the forward's ||V|| is weight_norm(), detached by its no_grad; directed_weight's .detach() is only
+# reached from merge and effective_weight (no gradient), so a mutant there would be equivalent
 mutant("dora.norm_not_detached", "methods/dora.py",
-       "return v, v.norm(dim=1).detach()  # [out]", "return v, v.norm(dim=1)  # [out]",
+       "    @torch.no_grad()\n    def weight_norm(self)", "    def weight_norm(self)",
        "||V|| not detached: gradients flow through the row norm (DoRA sec. 4.3 says constant)", T + "test_dora.py")
+mutant("dora.cross_term_beta_s", "methods/dora.py",
+       "beta=2 * s, alpha=s * s)", "beta=s, alpha=s * s)",
+       "the cross term of ||V||^2 weighted s instead of 2s", T + "test_dora.py")
+mutant("dora.quadratic_term_s", "methods/dora.py",
+       "beta=2 * s, alpha=s * s)", "beta=2 * s, alpha=s)",
+       "the B A A^T B term of ||V||^2 weighted s instead of s^2", T + "test_dora.py")
+mutant("dora.norm_cache_never_refreshed", "methods/dora.py",
+       "if cache is None or cache[1] != key or any(ref() is not t for ref, t in zip(cache[0], tensors)):",
+       "if cache is None:",
+       "||W0||^2 is cached once and never recomputed when W0 changes (frozen_version ignored)",
+       T + "test_dora.py")
+mutant("dora.magnitude_init_squared", "methods/dora.py",
+       "self.magnitude = nn.Parameter(self.weight_norm())",
+       "self.magnitude = nn.Parameter(self.frozen_row_sq_norms().clone())",
+       "the magnitude starts as ||W0||^2 (the cached squares, sqrt forgotten), not weight_norm()",
+       T + "test_dora.py")
+mutant("dora.zero_rows_never_found", "methods/dora.py",
+       "torch.nonzero(row_sq_norms == 0)", "torch.nonzero(row_sq_norms < 0)",
+       "check_nonzero_rows never finds a zero row: DoRA wraps it and divides 0 by 0", T + "test_dora.py")
+mutant("dora.refused_layer_left_frozen", "methods/dora.py",
+       "p.requires_grad_(flag)", "pass",
+       "a DoRALinear refused for a zero row leaves its base frozen (requires_grad not restored)",
+       T + "test_dora.py")
+mutant("dora.forward_drops_bias", "methods/dora.py",
+       "bias = self.base.bias", "bias = None",
+       "DoRA's forward forgets the base bias", T + "test_dora.py")
+mutant("dora.rslora_dropped", "methods/dora.py",
+       "super().__init__(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora, bypass_dtype=bypass_dtype)",
+       "super().__init__(base, r=r, alpha=alpha, dropout=dropout, rslora=False, bypass_dtype=bypass_dtype)",
+       "DoRALinear(rslora=True) scales by alpha/r", T + "test_dora.py")
+mutant("dora.rescale_in_bypass_dtype", "methods/dora.py",
+       "dtype = torch.promote_types(wx.dtype, self.compute_dtype)\n        z = self.add_lora_product(",
+       "dtype = self.compute_dtype\n        z = self.add_lora_product(",
+       "the rescale runs in the bypass dtype: a bf16 bypass rounds a float32 base's W0 x to bf16",
+       T + "test_dora.py::test_a_bf16_bypass_on_a_float32_base_rounds_the_bypass_only",
+       T + "test_memory.py::test_dora_rescale_is_as_wide_as_the_wider_of_base_and_bypass")
+mutant("dora.dropout_rescale_sees_whole_x", "methods/dora.py",
+       "wx = self.base_product(xd.to(out.dtype))", "wx = self.base_product(x)",
+       "with dropout the (c - 1) W0 x~ term uses the whole x, not the dropped-out x~ (PEFT's form)",
+       T + "test_dora.py", T + "test_dora_parity.py::test_dropout_in_training_equals_peft",
+       T + "test_dora_parity.py::test_dropout_follows_the_formula")
+mutant("dora.merge_stores_magnitude", "methods/dora.py",
+       "self._merged_norm = norm", "self._merged_norm = self.magnitude.detach().clone()",
+       "merge keeps the magnitude instead of ||V|| for unmerge (unmerge leaves W' - dW)", T + "test_dora.py")
 mutant("dora.unmerge_inverted_ratio", "methods/dora.py",
        "v = w.float() * (self._merged_norm / self.magnitude)[:, None]",
        "v = w.float() * (self.magnitude / self._merged_norm)[:, None]",
        "unmerge multiplies by magnitude / ||V|| instead of dividing", T + "test_dora.py")
-mutant("dora.forward_drops_bias", "methods/dora.py",
-       "bias = None if self.base.bias is None else self.base.bias.float()", "bias = None",
-       "DoRA's forward forgets the base bias", T + "test_dora.py")
-mutant("dora.rslora_dropped", "methods/dora.py",
-       "super().__init__(base, r=r, alpha=alpha, dropout=0.0, rslora=rslora)",
-       "super().__init__(base, r=r, alpha=alpha, dropout=0.0, rslora=False)",
-       "DoRALinear(rslora=True) scales by alpha/r", T + "test_dora.py")
+mutant("dora.unmerge_keeps_delta", "methods/dora.py",
+       "w.copy_((v - self.delta_weight()).to(w.dtype))", "w.copy_(v.to(w.dtype))",
+       "unmerge restores V = W0 + s B A, forgetting to subtract dW", T + "test_dora.py")
 mutant("hparams.scalings_swapped", "methods/hparams.py",
        "return alpha / math.sqrt(r) if rslora else alpha / r", "return alpha / r if rslora else alpha / math.sqrt(r)",
        "alpha/r and alpha/sqrt(r) swapped", T + "test_lora.py")
@@ -146,7 +197,7 @@ mutant("inject.wrap_does_not_freeze", "methods/inject.py",
        "    model.requires_grad_(False)\n    for name in names:", "    for name in names:",
        "inject_lora leaves the rest of the model trainable", T + "test_inject.py")
 mutant("inject.dora_flag_ignored", "methods/inject.py",
-       "        if dora:\n            layer = DoRALinear(", "        if False:\n            layer = DoRALinear(",
+       "cls = DoRALinear if dora else LoRALinear", "cls = LoRALinear",
        "inject_lora(dora=True) makes plain LoRA layers", T + "test_inject.py")
 mutant("inject.merge_lora_no_precheck", "methods/inject.py",
        "if not layer.mergeable:", "if False:",
@@ -196,9 +247,6 @@ mutant("safe_files.no_pickle_sniff", "methods/safe_files.py",
 mutant("safe_files.rslora_type_unchecked", "methods/safe_files.py",
        'if not isinstance(config["rslora"], bool):', "if False:",
        "rslora='no' in a file is taken as true", *A)
-mutant("safe_files.dora_dropout_allowed", "methods/safe_files.py",
-       'if config["method"] == "dora" and config["dropout"]:', "if False:",
-       "a DoRA file with dropout is accepted (DoRALinear has none)", *A)
 mutant("peft_files.targets_as_suffix_list", "methods/peft_files.py",
        '"target_modules": "|".join(re.escape(name) for name in config["targets"]),',
        '"target_modules": sorted(config["targets"]),',
@@ -337,13 +385,13 @@ mutant("quantized.levels_version_unchecked", "quant/quantized.py",
        "levels edited in place are neither checked again nor re-tabled",
        T + "test_nf4_fast.py::test_levels_edited_in_place_are_caught_and_the_table_rebuilt")
 mutant("qlora.from_linear_rank_plus_one", "quant/qlora.py",
-       "return cls(nf4, r=r, alpha=alpha, dropout=dropout, rslora=rslora)",
-       "return cls(nf4, r=r + 1, alpha=alpha, dropout=dropout, rslora=rslora)",
+       "return cls(nf4, r=r, alpha=alpha, dropout=dropout, rslora=rslora, bypass_dtype=bypass_dtype)",
+       "return cls(nf4, r=r + 1, alpha=alpha, dropout=dropout, rslora=rslora, bypass_dtype=bypass_dtype)",
        "from_linear builds rank r + 1: s = alpha/(r+1), an 11% smaller bypass at r = 8",
        T + "test_qlora_parity.py")
 mutant("qlora.from_linear_rslora_dropped", "quant/qlora.py",
-       "return cls(nf4, r=r, alpha=alpha, dropout=dropout, rslora=rslora)",
-       "return cls(nf4, r=r, alpha=alpha, dropout=dropout, rslora=False)",
+       "return cls(nf4, r=r, alpha=alpha, dropout=dropout, rslora=rslora, bypass_dtype=bypass_dtype)",
+       "return cls(nf4, r=r, alpha=alpha, dropout=dropout, rslora=False, bypass_dtype=bypass_dtype)",
        "QLoRALinear.from_linear(rslora=True) scales by alpha/r", T + "test_qlora.py")
 mutant("qlora.from_linear_always_dq", "quant/qlora.py",
        "nf4 = NF4Linear.from_linear(base, block_size, double_quant, compute_dtype)",
@@ -363,9 +411,22 @@ mutant("qlora.backward_no_input_grad", "quant/qlora.py",
        "return grad_out @ w, None, None, None", "return None, None, None, None",
        "the NF4 matmul's backward gives no gradient to x (layers below get nothing)", T + "test_qlora.py")
 mutant("qlora.merged_from_compute_dtype", "quant/qlora.py",
-       "w = self.base.dequantized_weight(torch.float32) + self.delta_weight()",
-       "w = self.base.dequantized_weight() + self.delta_weight()",
-       "to_merged_linear adds dW to a bf16-rounded W0 (two roundings)", T + "test_qlora.py")
+       "return self.base.dequantized_weight(dtype)", "return self.base.dequantized_weight()",
+       "frozen_weight(float32) ignores the dtype: to_merged_linear adds dW to a bf16-rounded W0 (two roundings)",
+       T + "test_qlora.py")
+mutant("qlora.qdora_norms_from_float32_dequant", "quant/qlora.py",
+       "return self.base.dequantized_weight(dtype)", "return self.base.dequantized_weight(dtype or torch.float32)",
+       "QDoRA's magnitude and ||V|| from dequant(W0) in float32, not the compute-dtype W0 the base multiplies by",
+       T + "test_qlora.py", T + "test_dora_parity.py::test_qdora_equals_peft_dora_on_linear4bit")
+mutant("qlora.qdora_stale_norm_cache", "quant/qlora.py",
+       "return (self.base.weight_q.codes, *scales)", "return (self.base.weight_q.codes,)",
+       "the NF4 base's cache key ignores the scales: QDoRA keeps a stale ||W0||^2 after they change",
+       T + "test_qlora.py")
+mutant("dora.cache_trusts_the_address", "methods/dora.py",
+       "if cache is None or cache[1] != key or any(ref() is not t for ref, t in zip(cache[0], tensors)):",
+       "if cache is None or cache[1] != key:",
+       "a new weight at a freed one's address, version 0 again, passes for the cached one",
+       T + "test_dora.py::test_a_new_weight_is_never_mistaken_for_the_cached_one")
 mutant("sizes.block_zero_allowed", "quant/sizes.py",
        "if block_size <= 0 or block_size & (block_size - 1):", "if block_size < 0 or block_size & (block_size - 1):",
        "block size 0 passes the power-of-two check", T + "test_nf4.py")
@@ -390,6 +451,14 @@ mutant("spec.tied_head_counted", "memory/spec.py",
 mutant("spec.repeated_targets", "memory/spec.py",
        "for n in dict.fromkeys(names)]", "for n in names]",
        "('q', 'q_proj') counts q twice", T + "test_ledger.py")
+mutant("spec.dora_magnitude_left_out", "memory/spec.py",
+       "return lora_param_count(shapes, r) + (sum(d for d, _ in shapes) if dora else 0)",
+       "return lora_param_count(shapes, r)",
+       "lora_params_for(dora=True) forgets the magnitude's d per adapted linear", T + "test_ledger.py")
+mutant("ledger.qdora_no_magnitude", "memory/ledger.py",
+       "P_lora = lora_params_for(spec, targets, r, dora=method in DORA_METHODS)",
+       "P_lora = lora_params_for(spec, targets, r, dora=method == \"dora\")",
+       "QDoRA's trained parameters counted as QLoRA's (no magnitude)", T + "test_ledger.py")
 mutant("ledger.adapter_states_base_policy", "memory/ledger.py",
        "led.lora_optimizer_states = P_lora * n_states * as_", "led.lora_optimizer_states = P_lora * n_states * s",
        "the adapters' Adam states take the base policy's width (pure bf16 base, fp32 adapters: half)",
@@ -423,6 +492,17 @@ mutant("activations.ids_without_extra_token", "memory/activations.py",
 mutant("activations.ckpt_lora_no_grad", "memory/activations.py",
        "needs_grad = needs_grad or full or bool(chosen)", "needs_grad = needs_grad or full",
        "under checkpointing LoRA's layer outputs are taken to need no gradient", T + "test_memory.py")
+mutant("activations.dora_rescale_at_act_width", "memory/activations.py",
+       "wide = max(e, a)  # promote_types", "wide = e  # promote_types",
+       "DoRA's V x and c counted at the activations' width, not the wider of base and adapters",
+       T + "test_ledger.py", T + "test_memory.py::test_dora_rescale_is_as_wide_as_the_wider_of_base_and_bypass")
+mutant("activations.dora_norm_at_rescale_width", "memory/activations.py",
+       'f"{tag}{name}.norm", out_features * 4)', 'f"{tag}{name}.norm", out_features * wide)',
+       "DoRA's saved ||V|| counted at the rescale's width, not float32",
+       T + "test_ledger.py", T + "test_memory.py::test_dora_rescale_is_as_wide_as_the_wider_of_base_and_bypass")
+mutant("activations.qdora_without_rescale", "memory/activations.py",
+       'tag=f"{i}.", dora=method in DORA_METHODS)', 'tag=f"{i}.", dora=method == "dora")',
+       "QDoRA's saved activations leave out DoRA's rescale (counted as QLoRA's)", T + "test_ledger.py")
 mutant("activations.shared_input_per_adapter", "memory/activations.py",
        "if a == e:  # the adapter's x is the base's x\n                keep(\"linear inputs\", f\"{tag}{x_name}\"",
        "if a == e:  # the adapter's x is the base's x\n                keep(\"linear inputs\", f\"{tag}{name}.x\"",
@@ -443,6 +523,9 @@ mutant("peak.ckpt_keeps_log_probs", "memory/peak.py",
 mutant("peak.largest_factor_min", "memory/peak.py",
        "return max(max(d, k) * r for d, k in", "return max(min(d, k) * r for d, k in",
        "the largest LoRA factor taken as min(d, k) * r", T + "test_peak.py", T + "test_ledger.py")
+mutant("peak.dora_norm_cache_left_out", "memory/peak.py",
+       "+ _dora_norm_cache(spec, method, targets))", ")",
+       "the resident bytes leave out DoRA's cached ||W0||^2 (float32 [d] per adapted linear)", T + "test_peak.py")
 mutant("peak.logits_float32", "memory/peak.py",
        "logits = batch * seq_len * spec.vocab_size * e", "logits = batch * seq_len * spec.vocab_size * 4",
        "the logits counted as float32 under a 16-bit policy", T + "test_peak.py", T + "test_ledger.py")

@@ -264,6 +264,37 @@ def test_bf16_bypass_gives_float32_gradients_close_to_the_float32_bypass():
         assert ((fast - exact).norm() / exact.norm()).item() < 2 ** -6  # a few bf16 roundings
 
 
+def test_a_bf16_bypass_on_a_float32_base_rounds_the_bypass_only():
+    """The rescale runs in the wider dtype: on a float32 base, W0 x and c * V x stay float32.
+
+    A small B keeps the bypass, the only bf16 part, far below W0 x. Its roundings (x, A, B,
+    A x, B A x: 5 U of s |x| |A|^T |B|^T, 6 U allowed) and the float32 ones (each sum of at
+    most IN terms, and a few more operations: 64 U32 of the output's size) bound the error;
+    rounding W0 x (or the output) to bf16 would cost U of the output's size, far more."""
+    u_bf16, u32 = 2.0 ** -8, 2.0 ** -24
+    layer = make_layer(bypass_dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 1e-3)
+        layer.magnitude.mul_(1 + 0.2 * torch.randn(layer.magnitude.shape, generator=g))
+    x = inputs()
+    with torch.no_grad():
+        y = layer(x)
+        w0, bias, a, b, m = (t.double() for t in (layer.base.weight, layer.base.bias, layer.lora_A,
+                                                  layer.lora_B, layer.magnitude))
+        s = ALPHA / R
+        expected = reference_forward(x.double(), w0, bias, a, b, m, s)
+        c = (m / (w0 + s * b @ a).norm(dim=1)).abs()
+        xa = x.double().abs()
+        bypass = s * c * (xa @ a.abs().T @ b.abs().T)  # [batch, out]
+        size = c * (xa @ w0.abs().T) + bypass + bias.abs()
+    assert y.dtype == torch.float32
+    bound = 6 * u_bf16 * bypass + 64 * u32 * size
+    assert ((y.double() - expected).abs() <= bound).all()
+    # the bound can tell: the output rounded to bf16 once is outside it
+    assert not ((expected.to(torch.bfloat16).double() - expected).abs() <= bound).all()
+
+
 def test_the_cached_norm_follows_the_base_weight():
     """||W0||^2 is cached; a new W0 (load_state_dict, an in-place edit) must not see the old one."""
     layer = make_layer()
@@ -328,3 +359,39 @@ def test_a_zero_row_leaves_the_model_unchanged_in_inject_and_prepare_qlora():
 def test_bad_bypass_dtype():
     with pytest.raises(ValueError, match=r"bypass_dtype must be None .*got torch.int32"):
         DoRALinear(nn.Linear(IN, OUT), bypass_dtype=torch.int32)
+
+
+# ------------------------------------------------------------------ the cached ||W0||^2
+def test_a_new_weight_is_never_mistaken_for_the_cached_one():
+    """A weight replaced by a new tensor is a new W0, even where the allocator puts it at the freed one's
+    address with version 0 again (a data_ptr and version key alone matched it in 28-50 of 50 trials)."""
+    layer = make_layer()
+    train_(layer)
+    x = inputs()
+    wrong = 0
+    for trial in range(30):
+        with torch.no_grad():
+            layer(x)  # fills the cache
+            for _ in range(1 + trial % 3):
+                layer.base.weight = nn.Parameter(torch.randn(OUT, IN), requires_grad=False)
+            expected = reference_forward(x, layer.base.weight, layer.base.bias, layer.lora_A, layer.lora_B,
+                                         layer.magnitude, layer.scaling)
+            wrong += not torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert wrong == 0
+
+
+def test_copies_and_pickles_of_a_layer_rebuild_the_cache():
+    import copy
+    import io
+
+    layer = make_layer()
+    train_(layer)
+    x = inputs()
+    with torch.no_grad():
+        y = layer(x)  # the cache now holds weak references, which do not pickle
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        for other in (copy.deepcopy(layer), torch.load(buffer, weights_only=False)):
+            assert other._w0_cache is None
+            torch.testing.assert_close(other(x), y, rtol=0, atol=0)

@@ -327,6 +327,32 @@ def test_half_precision_base(dtype, tol):
         assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
 
 
+def test_bf16_bypass_on_a_bf16_base_is_the_lora_equation_within_bf16_rounding():
+    """bypass_dtype=bf16 on a bf16 base takes the fast path: s folded into B, the add into an addmm.
+
+    Five roundings to bf16 (A, s B, A x, the base output, the sum), each at most U of the
+    size of what it rounds, which is at most |x| |W0|^T + |b| + s |x| |A|^T |B|^T: 8 U allowed."""
+    u_bf16 = 2.0 ** -8
+    layer = make_layer(dtype=torch.bfloat16, bypass_dtype=torch.bfloat16)
+    set_b_(layer)
+    x = inputs(torch.bfloat16)
+    s = ALPHA / R
+    with torch.no_grad():
+        y = layer(x)
+        xd, w0, bias, a, b = (t.double() for t in (x, layer.base.weight, layer.base.bias, layer.lora_A,
+                                                    layer.lora_B))
+        bypass = (xd @ a.T) @ b.T  # B A x, [batch, out]
+        expected = xd @ w0.T + bias + s * bypass
+        size = xd.abs() @ w0.abs().T + bias.abs() + s * (xd.abs() @ a.abs().T) @ b.abs().T
+    assert y.dtype == torch.bfloat16
+    bound = 8 * u_bf16 * size
+    assert ((y.double() - expected).abs() <= bound).all()
+    # the bound can tell: the bypass without s, or with s twice, is outside it
+    for wrong in (1.0, 2 * s):
+        assert not ((xd @ w0.T + bias + wrong * bypass - expected).abs() <= bound).all()
+    assert not torch.equal(y, layer.base(x))  # the bypass is there
+
+
 def test_meta_device_base_builds_without_memory():
     layer = LoRALinear(nn.Linear(4096, 4096, device="meta"), r=8)
     assert layer.lora_A.device.type == "meta" and layer.lora_B.device.type == "meta"

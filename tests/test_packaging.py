@@ -28,5 +28,5 @@ def test_stored_results_load_by_name():
     from lora_edu.data import load
     assert load("memory_gpu")["runs"] and load("scaling_sweeps")["runs"]
     import pytest
-    with pytest.raises(ValueError, match="there are: dora_speed, dora_sweeps, memory_gpu, scaling_sweeps"):
+    with pytest.raises(ValueError, match="there are: dora_speed, dora_speed_cpu, dora_sweeps, memory_gpu, scaling_sweeps"):
         load("sweeps")

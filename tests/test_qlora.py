@@ -610,6 +610,20 @@ def test_qdora_at_init_is_the_nf4_base_up_to_one_rounding():
         assert torch.equal(no_bias(x), no_bias.base(x))  # without a bias nothing is rounded twice
 
 
+def test_qdora_norm_cache_follows_codes_written_in_place():
+    """||W0||^2 is cached per NF4 base; other codes written into it in place are a new W0."""
+    layer = make_qdora(make_base(seed=0))
+    set_b_(layer)
+    before = layer.weight_norm()  # fills the cache
+    with torch.no_grad():
+        layer.base.codes.copy_(make_qdora(make_base(seed=5)).base.codes)
+    w0 = layer.base.dequantized_weight().double()  # the W0 the base now computes with
+    direct = (w0 + S * layer.lora_B.detach().double() @ layer.lora_A.detach().double()).norm(dim=1)
+    # as in test_dora.py: only A's rounding to bf16 (for W0 A^T) separates the two, 2^-8 of the cross term
+    torch.testing.assert_close(layer.weight_norm().double(), direct, rtol=2.0 ** -8, atol=0)
+    assert not torch.allclose(before.double(), direct, rtol=2.0 ** -8, atol=0)  # W0 did change
+
+
 def test_qdora_to_merged_linear_and_merge_refused():
     base = make_base()
     layer = make_qdora(base)
@@ -633,3 +647,20 @@ def test_prepare_qlora_with_dora_makes_qdora_layers():
                                                 for m in layers.values())
     model(token_ids()).float().sum().backward()
     assert all(m.magnitude.grad is not None for m in layers.values())
+
+
+def test_qdora_norm_cache_follows_scales_written_in_place():
+    """The scales are part of W0 too: doubling them in place doubles W0, and the cached norm follows."""
+    for double_quant in (False, True):
+        layer = make_qdora(make_base(seed=0), double_quant=double_quant)
+        set_b_(layer)
+        before = layer.weight_norm()  # fills the cache
+        absmax = layer.base.weight_q.absmax
+        with torch.no_grad():
+            (absmax.absmax if double_quant else absmax).mul_(2)
+            if double_quant:
+                absmax.offset.mul_(2)
+        w0 = layer.base.dequantized_weight().double()
+        direct = (w0 + S * layer.lora_B.detach().double() @ layer.lora_A.detach().double()).norm(dim=1)
+        torch.testing.assert_close(layer.weight_norm().double(), direct, rtol=2.0 ** -8, atol=0)
+        assert not torch.allclose(before.double(), direct, rtol=2.0 ** -8, atol=0)

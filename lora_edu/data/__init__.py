@@ -4,6 +4,7 @@
     memory_gpu.json       code/measure_memory.py (chapter 4's measured GPU peaks, an H200)
     dora_sweeps.json      code/dora_sweeps.py (chapter 5's fine-tuning runs, CPU)
     dora_speed.json       benchmarks/dora.py --out (chapter 5's GPU timings of the DoRA and LoRA layers, an H200)
+    dora_speed_cpu.json   benchmarks/dora.py --device cpu --out (the same layers timed on a CPU)
 
 Each script rewrites its file; a test checks the file against the script or the ledger.
 """

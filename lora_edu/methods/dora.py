@@ -26,6 +26,8 @@ left is one extra read of W0 per forward (for W0 A^T) and the rescale of the out
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -68,12 +70,24 @@ class DoRALinear(LoRALinear):
 
     @torch.no_grad()
     def frozen_row_sq_norms(self) -> torch.Tensor:
-        """||W0||^2 per output row, [out] float32, cached until W0 changes (merge, load, .to)."""
-        key = self.frozen_version()
-        if self._w0_cache is None or self._w0_cache[0] != key:
+        """||W0||^2 per output row, [out] float32, cached until W0 changes (merge, load, .to, a new weight).
+
+        The cache holds weak references to the tensors W0 is made of, so that it neither keeps
+        a replaced weight alive nor mistakes a new tensor at a freed one's address for it.
+        """
+        tensors, key = self.frozen_tensors(), self.frozen_version()
+        cache = self._w0_cache
+        if cache is None or cache[1] != key or any(ref() is not t for ref, t in zip(cache[0], tensors)):
             w0 = self.frozen_weight()  # its own dtype: the float32 accumulation needs no float32 copy
-            self._w0_cache = (key, torch.linalg.vector_norm(w0, dim=1, dtype=torch.float32).square())
-        return self._w0_cache[1]
+            norms = torch.linalg.vector_norm(w0, dim=1, dtype=torch.float32).square()
+            self._w0_cache = (tuple(weakref.ref(t) for t in tensors), key, norms)
+        return self._w0_cache[2]
+
+    def __getstate__(self):
+        """Copies and pickles leave the cache behind (weak references do not pickle); it is rebuilt on use."""
+        state = self.__dict__.copy()
+        state["_w0_cache"] = None
+        return state
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:

@@ -144,10 +144,18 @@ class LoRALinear(nn.Module):
         """W0 x without the bias, in the base's dtype (DoRA rescales it)."""
         return F.linear(x, self.base.weight)  # [..., out]
 
+    def frozen_tensors(self) -> tuple:
+        """The tensors W0 is made of: the base's weight here (an NF4 base's codes and scales)."""
+        return (self.base.weight,)
+
     def frozen_version(self) -> tuple:
-        """Changes whenever W0 does (an in-place write bumps a tensor's version): a cache key."""
-        w = self.base.weight
-        return w.data_ptr(), w._version, w.dtype, w.device
+        """Changes whenever those tensors are written in place (a write bumps a tensor's version).
+
+        Half of a cache key only: a new tensor can be allocated where a freed one was, with
+        version 0 again, so a cache must also check that the tensors are the ones it saw
+        (DoRALinear keeps weak references to them).
+        """
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in self.frozen_tensors())
 
     def merged_weight(self) -> torch.Tensor:
         """W0 + dW, [out, in] in float32: what merge() writes into the base."""

@@ -135,9 +135,14 @@ class _NF4Base:
         dtype = self.base.compute_dtype
         return _NF4Matmul.apply(x.to(dtype), self.base.weight_q, None, dtype)  # [..., out], no bias
 
+    def frozen_tensors(self) -> tuple:
+        """The codes and every tensor of the scales: writing any of them changes W0."""
+        absmax = self.base.weight_q.absmax
+        scales = (absmax.codes, absmax.absmax, absmax.offset) if isinstance(absmax, DoubleQuantizedAbsmax) else (absmax,)
+        return (self.base.weight_q.codes, *scales)
+
     def frozen_version(self) -> tuple:
-        codes = self.base.codes
-        return codes.data_ptr(), codes._version, codes.device
+        return super().frozen_version() + (self.base.compute_dtype,)  # the norms are of the compute-dtype W0
 
     @classmethod
     def from_linear(cls, base: nn.Linear, r: int = 8, alpha: float = 16, block_size: int = 64,

@@ -135,9 +135,12 @@ mutant("dora.magnitude_init_squared", "methods/dora.py",
 mutant("dora.zero_rows_never_found", "methods/dora.py",
        "torch.nonzero(row_sq_norms == 0)", "torch.nonzero(row_sq_norms < 0)",
        "check_nonzero_rows never finds a zero row: DoRA wraps it and divides 0 by 0", T + "test_dora.py")
-mutant("dora.refused_layer_left_frozen", "methods/dora.py",
-       "p.requires_grad_(flag)", "pass",
-       "a DoRALinear refused for a zero row leaves its base frozen (requires_grad not restored)",
+mutant("dora.refused_layer_left_frozen", "methods/lora.py",
+       "        self.check_base()  # before anything is frozen: a refused layer is left as it was\n"
+       "        base.requires_grad_(False)  # W0 (and its bias) stay frozen",
+       "        base.requires_grad_(False)  # W0 (and its bias) stay frozen\n"
+       "        self.check_base()  # before anything is frozen: a refused layer is left as it was",
+       "the base is frozen before DoRA's zero-row check: a refused DoRALinear leaves the caller's layer frozen",
        T + "test_dora.py")
 mutant("dora.forward_drops_bias", "methods/dora.py",
        "bias = self.base.bias", "bias = None",

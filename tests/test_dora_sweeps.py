@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_edu.experiments.dora import pearson
+from lora_edu.experiments.dora import md_correlation, md_correlation_across, md_points
 
 import _sweeps  # noqa: E402
 from _sweeps import close  # noqa: E402
@@ -38,12 +38,6 @@ TOLERANCE = {"grad_norm": 0.04, "curve": 0.07, "final": 0.045, "pretrain_loss": 
 PEARSON_ABS = 0.1
 
 
-def pooled_pearson(run: dict) -> float:
-    """Correlation of dD with dM over every tracked matrix and checkpoint of one run, as the chapter reads it."""
-    points = [point for by_matrix in run["md"].values() for point in by_matrix.values()]
-    return pearson([m for m, _ in points], [d for _, d in points])
-
-
 def test_same_run_can_fail_on_a_magnitude_direction_point():
     run = {"r": 4, "final": 1.0, "md": {"25": {"q": [0.1, 0.4]}}}
     tol = {"final": 0.02, "md": 0.05}
@@ -51,6 +45,22 @@ def test_same_run_can_fail_on_a_magnitude_direction_point():
     assert not _sweeps.same_run(run, {**run, "md": {"25": {"q": [0.11, 0.4]}}}, tol)  # 10% on dM
     assert not _sweeps.same_run(run, {**run, "md": {"50": {"q": [0.1, 0.4]}}}, tol)  # another checkpoint
     assert not _sweeps.same_run(run, {**run, "md": {"25": {"v": [0.1, 0.4]}}}, tol)  # another matrix
+
+
+def test_the_correlations_the_chapter_reads_on_a_hand_made_run():
+    # three matrices, three checkpoints; within each matrix dM and dD grow together, but at every
+    # checkpoint the matrix that turned more changed its length less, on a straight line
+    run = {"md": {str(25 * t): {"q": [0.3 * t, 0.1 * t], "k": [0.2 * t, 0.2 * t], "v": [0.1 * t, 0.3 * t]}
+                  for t in (1, 2, 3)}}
+    assert md_points(run, "v")[0] == (25, "v", pytest.approx(0.3), pytest.approx(0.1)) and len(md_points(run)) == 9
+    assert all(md_correlation(run, name) == pytest.approx(1) for name in "qkv")  # one matrix over time
+    assert md_correlation_across(run) == pytest.approx(-1)  # across matrices at each checkpoint
+    points = [(d, m) for _, _, d, m in md_points(run)]
+    ds, ms = zip(*points)
+    dx, mx = sum(ds) / len(ds), sum(ms) / len(ms)
+    by_hand = sum((d - dx) * (m - mx) for d, m in points) / (
+        sum((d - dx) ** 2 for d in ds) * sum((m - mx) ** 2 for m in ms)) ** 0.5
+    assert md_correlation(run) == pytest.approx(by_hand)  # pooled: the time trend and the spread mixed
 
 
 def test_committed_dora_sweeps_equal_a_quick_rerun(tmp_path):
@@ -64,7 +74,7 @@ def test_committed_dora_sweeps_equal_a_quick_rerun(tmp_path):
     assert sorted(quick["runs"]) == sorted(script["QUICK_KEYS"])
     for key, fresh in quick["runs"].items():
         assert _sweeps.same_run(stored["runs"][key], fresh, TOLERANCE), f"stored run {key!r} differs from a fresh run"
-        assert abs(pooled_pearson(stored["runs"][key]) - pooled_pearson(fresh)) < PEARSON_ABS, key
+        assert abs(md_correlation(stored["runs"][key]) - md_correlation(fresh)) < PEARSON_ABS, key
     assert close(stored["start"], quick["start"], TOLERANCE["final"])
 
 

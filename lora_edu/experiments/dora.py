@@ -79,6 +79,31 @@ def pearson(xs, ys) -> float:
     return sxy / math.sqrt(sxx * syy)
 
 
+def md_points(run: dict, only: str | None = None) -> list[tuple[int, str, float, float]]:
+    """[(step, matrix, dD, dM)] of one stored run of code/dora_sweeps.py (run["md"] is {step: {matrix: [dM, dD]}}),
+    for the matrices whose name contains `only` (default: all)."""
+    return [(int(step), name, d, m) for step, by_matrix in run["md"].items() for name, (m, d) in by_matrix.items()
+            if only is None or only in name]
+
+
+def md_correlation(run: dict, only: str | None = None) -> float:
+    """Pearson's correlation of dD and dM over a run's points, pooled over checkpoints and matrices."""
+    _, _, ds, ms = zip(*md_points(run, only))
+    return pearson(ds, ms)
+
+
+def md_correlation_across(run: dict) -> float:
+    """The correlation of dD and dM across the tracked matrices at each checkpoint, averaged over checkpoints.
+
+    Unlike the pooled one, it ignores what all matrices share over time (both grow as training goes on).
+    """
+    by_step: dict[int, list] = {}
+    for step, _, d, m in md_points(run):
+        by_step.setdefault(step, []).append((d, m))
+    values = [pearson(*zip(*points)) for points in by_step.values()]
+    return sum(values) / len(values)
+
+
 def slope(xs, ys) -> float:
     """Least-squares slope of ys against xs."""
     xs, ys = [float(x) for x in xs], [float(y) for y in ys]

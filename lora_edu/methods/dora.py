@@ -54,19 +54,16 @@ class DoRALinear(LoRALinear):
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  rslora: bool = False, bypass_dtype: torch.dtype | None = None):
-        trainable = [(p, p.requires_grad) for p in base.parameters()]
         super().__init__(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora, bypass_dtype=bypass_dtype)
-        self._w0_cache = None  # (frozen_version(), ||W0||^2 per row): recomputed only when W0 changes
-        try:
-            check_nonzero_rows(self.frozen_row_sq_norms(), f"this {type(self.base).__name__}")
-        except ValueError:
-            for p, flag in trainable:  # LoRALinear froze the base: a refused layer leaves it as it was
-                p.requires_grad_(flag)
-            raise
         # B = 0 here, so weight_norm() is ||W0||, computed the very way the forward computes it:
         # magnitude / weight_norm() is exactly 1 at init, and the layer is exactly the base
         self.magnitude = nn.Parameter(self.weight_norm())  # [out], one trainable length per row
         self._merged_norm = None  # ||V||_row at merge time, needed to unmerge
+
+    def check_base(self) -> None:
+        """A zero row has no direction: refused (LoRALinear calls this before it freezes the base)."""
+        self._w0_cache = None  # (weak refs, frozen_version(), ||W0||^2 per row): recomputed when W0 changes
+        check_nonzero_rows(self.frozen_row_sq_norms(), f"this {type(self.base).__name__}")
 
     @torch.no_grad()
     def frozen_row_sq_norms(self) -> torch.Tensor:

@@ -66,7 +66,6 @@ class LoRALinear(nn.Module):
         check_lora_hparams(r, alpha, dropout)
         self.bypass_dtype = check_bypass_dtype(bypass_dtype)
         self.base = base
-        base.requires_grad_(False)  # W0 (and its bias) stay frozen
         self.r, self.alpha, self.rslora, self.dropout_p = int(r), alpha, bool(rslora), float(dropout)
         self.scaling = lora_scaling(alpha, r, rslora)
         device = next(iter([*base.parameters(), *base.buffers()])).device  # adapters live beside W0
@@ -75,6 +74,11 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.reset_lora_parameters_()
+        self.check_base()  # before anything is frozen: a refused layer is left as it was
+        base.requires_grad_(False)  # W0 (and its bias) stay frozen
+
+    def check_base(self) -> None:
+        """Raise if this method cannot adapt the base; LoRA takes any weight (DoRA refuses zero rows)."""
 
     @property
     def in_features(self) -> int:

@@ -288,7 +288,7 @@ def test_save_merged_model_refuses_and_writes_nothing(tmp_path):
 
 def test_save_model_without_adapters_refuses(tmp_path):
     path = tmp_path / "none.safetensors"
-    with pytest.raises(ValueError, match="no LoRA layers"):
+    with pytest.raises(ValueError, match="no adapter layers"):
         save_adapter(make_model(), path)
     assert not path.exists()
 

@@ -247,8 +247,8 @@ def test_injecting_twice_is_an_error_and_changes_nothing():
     model = inject_lora(make_model(), ["q_proj"], r=R)
     randomise_adapters_(model)
     before = snapshot(model)
-    with pytest.raises(ValueError, match="already has LoRA layers"):
+    with pytest.raises(ValueError, match="already has adapter layers"):
         inject_lora(model, ["v_proj"], r=R)
-    with pytest.raises(ValueError, match="already has LoRA layers"):
+    with pytest.raises(ValueError, match="already has adapter layers"):
         inject_lora(model, ["q_proj"], r=R)
     assert_unchanged(model, before)

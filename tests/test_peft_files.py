@@ -96,7 +96,7 @@ def test_exported_target_modules_pick_exactly_the_adapted_modules(tmp_path):
     # adapt "extra.attn.q_proj". The export writes a regex that PEFT fullmatches instead.
     from lora_edu.methods.inject import wrap_modules
 
-    ours = wrap_modules(Nested(), ["attn.q_proj"], r=2, alpha=4)
+    ours = wrap_modules(Nested(), ["attn.q_proj"], lambda name, base: LoRALinear(base, r=2, alpha=4))
     torch.nn.init.normal_(ours.attn["q_proj"].lora_B)
     save_adapter(ours, tmp_path / "adapter", format="peft")
     theirs = PeftModel.from_pretrained(Nested(), tmp_path / "adapter")
@@ -327,7 +327,7 @@ def test_export_refuses_a_file_path_a_merged_model_and_a_model_without_adapters(
     assert (tmp_path / "a_file").read_text() == "keep me"
     with pytest.raises(ValueError, match="merged.*unmerge_lora"):
         save_adapter(merge_lora(trained()), tmp_path / "merged", format="peft")
-    with pytest.raises(ValueError, match="no LoRA layers"):
+    with pytest.raises(ValueError, match="no adapter layers"):
         save_adapter(make_model(0), tmp_path / "none", format="peft")
     with pytest.raises(ValueError, match=r"format must be one of \('lora_edu', 'peft'\), got 'PEFT'"):
         save_adapter(trained(), tmp_path / "x", format="PEFT")

@@ -5,10 +5,11 @@ shared on their own. safetensors stores raw tensors plus a JSON header, so loadi
 never runs code (unlike pickle, which torch.save uses).
 
 Two layouts, one loader:
-- lora_edu's file: one tensor per adapter parameter, named "<module name>.<parameter>", e.g.
-  "layers.0.q_proj.lora_A"; the metadata holds format, method, r, alpha, rslora, dropout,
-  targets (the JSON list of adapted module names) and sha256, a hash of all of that and of
-  every tensor's bytes. safetensors has no checksum of its own, so without the hash a flipped
+- lora_edu's file: one tensor per adapter tensor, named "<module name>.<tensor>", e.g.
+  "layers.0.q_proj.lora_A"; the metadata holds format, the layers' adapter_config() (method,
+  and for LoRA r, alpha, rslora, dropout; each method has its own keys, see base.py), targets
+  (the JSON list of adapted module names) and sha256, a hash of all of that and of every
+  tensor's bytes. safetensors has no checksum of its own, so without the hash a flipped
   bit in a tensor loads silently. (Files of format v1, from before the hash, load unchecked.)
 - HF PEFT's folder (adapter_config.json + adapter_model.safetensors): see peft_files.py.
 load_adapter takes either (a file or a folder); save_adapter writes either (format=...).
@@ -19,21 +20,20 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 from torch import nn
 
-from .dora import DoRALinear
 from .inject import adapter_modules, wrap_modules
-from .lora import LoRALinear
 from .peft_files import read_peft_folder, write_peft_folder
+from .registry import adapter_class
 from .safe_files import (HASH_KEY, AdapterFileError, check_config, check_hash, content_hash, read_safetensors,
                          write_safetensors)
 
 FORMAT = "lora_edu.adapter.v2"  # v1 (before the content hash) still loads, unchecked
 OLD_FORMATS = ("lora_edu.adapter.v1",)
-_CONFIG_KEYS = ("method", "r", "alpha", "rslora")  # must agree between file and model
-_METADATA_KEYS = {"format", *_CONFIG_KEYS, "dropout", "targets", HASH_KEY}  # exactly these, in v2
+_FILE_KEYS = ("format", "targets", HASH_KEY)  # a v2 file's metadata: these and the method's config_keys
+_V1_CONFIG_KEYS = ("method", "r", "alpha", "rslora", "dropout")  # LoRA and DoRA only
 FORMATS = ("lora_edu", "peft")
+PEFT_METHODS = ("lora", "dora")  # what PEFT's LoRA folder can hold
 
 
 # ------------------------------------------------------------------ lora_edu's own file
@@ -44,15 +44,16 @@ def adapter_state(model: nn.Module) -> tuple[dict, dict]:
     if any(layer.merged for layer in layers.values()):
         raise ValueError("the adapters are merged into the base weights; call unmerge_lora(model) "
                          "before save_adapter so the file holds the adapter, not a mixture")
-    tensors = {f"{name}.{p}": getattr(layer, p).detach().contiguous().cpu()
-               for name, layer in layers.items() for p in layer.adapter_parameter_names}
+    tensors = {f"{name}.{p}": t.contiguous().cpu()
+               for name, layer in layers.items() for p, t in layer.adapter_tensors().items()}
     return {**config, "targets": sorted(layers)}, tensors
 
 
 def _shared_config(layers: dict) -> dict:
     """The config all adapter layers share; error if there are none or they disagree."""
     if not layers:
-        raise ValueError("the model has no LoRA layers; call inject_lora(model, ...) first")
+        raise ValueError("the model has no adapter layers; call inject_lora(model, ...) (or another "
+                         "inject_* entry point) first")
     configs = {name: layer.adapter_config() for name, layer in layers.items()}
     first = next(iter(configs.values()))
     for name, config in configs.items():
@@ -70,6 +71,9 @@ def save_adapter(model: nn.Module, path, format: str = "lora_edu") -> None:
     path = os.fspath(path)
     config, tensors = adapter_state(model)
     if format == "peft":
+        if config["method"] not in PEFT_METHODS:
+            raise ValueError(f"format='peft' writes PEFT's LoRA folder, which holds {PEFT_METHODS} adapters, "
+                             f"not {config['method']!r}; save it with format='lora_edu'")
         return write_peft_folder(config, tensors, path)
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a folder; give a file name such as adapter.safetensors "
@@ -88,12 +92,19 @@ def read_adapter(path) -> tuple[dict, dict]:
                 if metadata.get("format") == "pt" else "")
         raise AdapterFileError(f"{path!r} is not a lora_edu adapter (metadata format="
                                f"{metadata.get('format')!r}, expected {FORMAT!r}).{hint}")
-    if metadata["format"] == FORMAT and set(metadata) != _METADATA_KEYS:
-        raise AdapterFileError(f"{path!r} has metadata keys {sorted(metadata)}, a {FORMAT} file has exactly "
-                               f"{sorted(_METADATA_KEYS)} (the file was changed or corrupted since it was saved)")
     check_hash(metadata, tensors, path)
     try:
-        config = {k: json.loads(metadata[k]) for k in (*_CONFIG_KEYS, "dropout", "targets")}
+        method = json.loads(metadata["method"])
+        keys = adapter_class(method).config_keys if metadata["format"] == FORMAT else _V1_CONFIG_KEYS
+    except (KeyError, json.JSONDecodeError, ValueError) as err:
+        raise AdapterFileError(f"{path!r} records no known adapter method in its metadata: "
+                               f"{type(err).__name__} {err}") from None
+    expected = {*_FILE_KEYS, *keys}
+    if metadata["format"] == FORMAT and set(metadata) != expected:
+        raise AdapterFileError(f"{path!r} has metadata keys {sorted(metadata)}, a {FORMAT} {method} file has "
+                               f"exactly {sorted(expected)} (the file was changed or corrupted since it was saved)")
+    try:
+        config = {k: json.loads(metadata[k]) for k in (*keys, "targets")}
     except (KeyError, json.JSONDecodeError) as err:
         raise AdapterFileError(f"{path!r} has an incomplete adapter config in its metadata: "
                                f"{type(err).__name__} {err}") from None
@@ -112,28 +123,30 @@ def _layers_for_file(model: nn.Module, config: dict, path: str) -> dict:
     if missing:
         raise AdapterFileError(f"adapter file {path!r} adapts {missing}, which are not nn.Linear layers "
                                "of this model")
-    cls = DoRALinear if config["method"] == "dora" else LoRALinear
+    cls = adapter_class(config["method"])
     try:
-        return {name: cls(nn.Linear(linears[name].in_features, linears[name].out_features, device="meta"),
-                          r=config["r"], alpha=config["alpha"], rslora=config["rslora"], dropout=config["dropout"])
+        return {name: cls.for_loading(nn.Linear(linears[name].in_features, linears[name].out_features,
+                                                device="meta"), config)
                 for name in config["targets"]}
     except (TypeError, ValueError, RuntimeError) as err:  # e.g. an r too large for any tensor
-        raise AdapterFileError(f"adapter file {path!r} records r={config['r']!r}, which no layer of "
-                               f"this model can take: {type(err).__name__}") from None
+        shown = {k: v for k, v in config.items() if k != "targets"}
+        raise AdapterFileError(f"adapter file {path!r} records {shown}, which no layer of this model can "
+                               f"take: {type(err).__name__}: {str(err)[:200]}") from None
 
 
 def _check_fits(config: dict, tensors: dict, layers: dict, path: str) -> None:
     """Raise unless the file's config, modules and tensor shapes are exactly the layers'."""
     model_config = _shared_config(layers)
-    diff = {k: (config[k], model_config[k]) for k in _CONFIG_KEYS if config[k] != model_config[k]}
+    first = next(iter(layers.values()))
+    keys = [k for k in {*config, *model_config} - {"targets", *first.training_only_keys}]
+    diff = {k: (config.get(k), model_config.get(k)) for k in sorted(keys) if config.get(k) != model_config.get(k)}
     if diff:
         raise AdapterFileError(f"adapter file {path!r} was saved with another config; (file, model) = {diff}. "
                                "Inject with the file's settings, or load into a fresh base model.")
     if sorted(config["targets"]) != sorted(layers):
         raise AdapterFileError(f"adapter file {path!r} adapts {config['targets']}, the model has adapters on "
                                f"{sorted(layers)}")
-    expected = {f"{n}.{p}": tuple(getattr(layer, p).shape)
-                for n, layer in layers.items() for p in layer.adapter_parameter_names}
+    expected = {f"{n}.{p}": tuple(t.shape) for n, layer in layers.items() for p, t in layer.adapter_tensors().items()}
     if set(expected) != set(tensors):
         raise AdapterFileError(f"adapter file {path!r} holds tensors {sorted(tensors)}, the model expects "
                                f"{sorted(expected)}")
@@ -161,12 +174,13 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         raise ValueError("the model's adapters are merged; call unmerge_lora(model) before load_adapter")
     _check_fits(config, tensors, _layers_for_file(model, config, path), path)
     if not adapter_modules(model):
-        wrap_modules(model, config["targets"], r=config["r"], alpha=config["alpha"],
-                     dropout=config["dropout"], rslora=config["rslora"], dora=config["method"] == "dora")
-    layers = adapter_modules(model)
-    with torch.no_grad():
-        for key, value in tensors.items():
-            name, _, pname = key.rpartition(".")
-            param = getattr(layers[name], pname)
-            param.copy_(value.to(param.device, param.dtype))
+        cls = adapter_class(config["method"])
+        wrap_modules(model, config["targets"], lambda name, base: cls.for_loading(base, config),
+                     check=lambda name, base: cls.check_module(name, base, config))
+    per_layer = {}
+    for key, value in tensors.items():
+        name, _, tname = key.rpartition(".")
+        per_layer.setdefault(name, {})[tname] = value
+    for name, layer in adapter_modules(model).items():
+        layer.load_adapter_tensors_(per_layer[name])
     return model

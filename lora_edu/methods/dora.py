@@ -60,6 +60,12 @@ class DoRALinear(LoRALinear):
         self.magnitude = nn.Parameter(self.weight_norm())  # [out], one trainable length per row
         self._merged_norm = None  # ||V||_row at merge time, needed to unmerge
 
+    @classmethod
+    def check_module(cls, name: str, base: nn.Module, config: dict) -> None:
+        """The zero-row check on a plain nn.Linear, before injection or loading wraps anything."""
+        if isinstance(base, nn.Linear):
+            check_nonzero_rows(base.weight.detach().float().square().sum(dim=1), repr(name))
+
     def check_base(self) -> None:
         """A zero row has no direction: refused (LoRALinear calls this before it freezes the base)."""
         self._w0_cache = None  # (weak refs, frozen_version(), ||W0||^2 per row): recomputed when W0 changes

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .dora import DoRALinear, check_nonzero_rows
+from .base import AdapterLayer
+from .dora import DoRALinear
 from .hparams import check_lora_hparams
 from .lora import LoRALinear, check_bypass_dtype
 
@@ -44,9 +45,16 @@ def resolve_targets(model: nn.Module, target_modules, exclude=()) -> list[str]:
     return chosen
 
 
-def adapter_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every LoRA/DoRA layer in `model`, by its dotted name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def adapter_modules(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Every adapter layer in `model` (LoRA, DoRA, PiSSA, (IA)^3, ...), by its dotted name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def check_no_adapters(model: nn.Module, entry: str = "inject_lora") -> None:
+    """One adapter per model: a second injection would wrap adapters in adapters."""
+    if adapter_modules(model):
+        raise ValueError(f"this model already has adapter layers; call {entry} once per model "
+                         "(for a fresh adapter, start from a fresh copy of the base model)")
 
 
 def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16,
@@ -60,33 +68,31 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16,
     """
     check_lora_hparams(r, alpha, dropout)
     check_bypass_dtype(bypass_dtype)
-    if adapter_modules(model):
-        raise ValueError("this model already has LoRA layers; call inject_lora once per model "
-                         "(for a fresh adapter, start from a fresh copy of the base model)")
+    check_no_adapters(model)
     chosen = resolve_targets(model, target_modules)
-    return wrap_modules(model, chosen, r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora,
-                        bypass_dtype=bypass_dtype)
-
-
-def wrap_modules(model: nn.Module, names, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 rslora: bool = False, dora: bool = False, bypass_dtype=None) -> nn.Module:
-    """Freeze `model` and wrap exactly the nn.Linear layers with these full dotted names.
-
-    inject_lora resolves target patterns to names and then calls this; load_adapter calls it
-    with the names an adapter file records.
-    """
-    if dora:  # DoRA refuses a weight with a zero row: check them all before changing anything
-        for name in names:
-            w = model.get_submodule(name).weight.detach()
-            check_nonzero_rows(w.float().square().sum(dim=1), repr(name))
     cls = DoRALinear if dora else LoRALinear
+    return wrap_modules(model, chosen, lambda name, base: cls(base, r=r, alpha=alpha, dropout=dropout,
+                                                              rslora=rslora, bypass_dtype=bypass_dtype),
+                        check=lambda name, base: cls.check_module(name, base, None))
+
+
+def wrap_modules(model: nn.Module, names, make_layer, check=None) -> nn.Module:
+    """Freeze `model` and replace each module named in `names` by make_layer(name, module).
+
+    `check(name, module)`, if given, runs on every one of them first, so that a layer the
+    method refuses (DoRA's zero row, a PiSSA rank above min(out, in)) raises before anything
+    is changed. The inject_* entry points resolve target patterns to names and then call
+    this; load_adapter calls it with the names an adapter file records.
+    """
+    names = list(names)
+    if check is not None:
+        for name in names:
+            check(name, model.get_submodule(name))
     model.requires_grad_(False)
     for name in names:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = cls(getattr(parent, child_name), r=r, alpha=alpha, dropout=dropout, rslora=rslora,
-                    bypass_dtype=bypass_dtype)
-        setattr(parent, child_name, layer)
+        setattr(parent, child_name, make_layer(name, getattr(parent, child_name)))
     return model
 
 
@@ -113,7 +119,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def mark_only_lora_trainable(model: nn.Module) -> nn.Module:
-    """requires_grad only on adapter parameters (lora_A, lora_B and DoRA's magnitude)."""
+    """requires_grad only on adapter parameters (each layer's adapter_parameter_names)."""
     model.requires_grad_(False)
     for layer in adapter_modules(model).values():
         for pname in layer.adapter_parameter_names:

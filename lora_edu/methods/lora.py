@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import AdapterLayer
 from .hparams import check_lora_hparams, lora_scaling
 
 BYPASS_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
@@ -41,7 +42,7 @@ def check_bypass_dtype(dtype):
     return dtype
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterLayer):
     """Wraps a frozen nn.Linear `base` and adds s * B @ A to its weight, lazily or merged.
 
     The adapter tensors are kept in float32 whatever the base dtype: an fp16 or bf16 Adam
@@ -53,8 +54,9 @@ class LoRALinear(nn.Module):
     #: parameter names that belong to the adapter (trained, saved, loaded)
     adapter_parameter_names = ("lora_A", "lora_B")
     method = "lora"
+    config_keys = ("method", "r", "alpha", "rslora", "dropout")
+    training_only_keys = ("dropout",)
     base_type = nn.Linear  # QLoRALinear wraps a frozen 4-bit layer instead
-    mergeable = True  # False where merge() can only raise (QLoRALinear)
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  rslora: bool = False, bypass_dtype: torch.dtype | None = None):
@@ -185,6 +187,13 @@ class LoRALinear(nn.Module):
         """The hyper-parameters an adapter file records (see lora_edu.methods.adapters)."""
         return {"method": self.method, "r": self.r, "alpha": float(self.alpha), "rslora": self.rslora,
                 "dropout": self.dropout_p}
+
+    @classmethod
+    def check_config(cls, config: dict) -> None:
+        super().check_config(config)
+        check_lora_hparams(config["r"], config["alpha"], config["dropout"])
+        if not isinstance(config["rslora"], bool):
+            raise TypeError(f"rslora={config['rslora']!r}; it must be true or false")
 
     def extra_repr(self) -> str:
         kind = "alpha/sqrt(r)" if self.rslora else "alpha/r"

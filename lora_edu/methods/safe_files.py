@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .hparams import check_lora_hparams
+from .registry import adapter_class
 
 HASH_KEY = "sha256"
 
@@ -91,15 +91,12 @@ def check_hash(metadata: dict, tensors: dict, path: str, key: str = HASH_KEY) ->
 
 
 def check_config(config: dict, path: str) -> dict:
-    """The config, if every value has the right type and range; an AdapterFileError otherwise."""
+    """The config, if its method is known and every value has the right type and range (the
+    method's layer class says which); an AdapterFileError otherwise."""
     try:
-        check_lora_hparams(config["r"], config["alpha"], config["dropout"])
+        adapter_class(config.get("method")).check_config(config)
     except (TypeError, ValueError) as err:
         raise AdapterFileError(f"{path!r} records an invalid adapter config: {err}") from None
-    if config["method"] not in ("lora", "dora"):
-        raise AdapterFileError(f"{path!r} has unknown method {config['method']!r}; lora_edu loads 'lora' and 'dora'")
-    if not isinstance(config["rslora"], bool):
-        raise AdapterFileError(f"{path!r} records rslora={config['rslora']!r}; it must be true or false")
     targets = config["targets"]
     if not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
         raise AdapterFileError(f"{path!r} records targets={targets!r}; it must be a non-empty list of module names")

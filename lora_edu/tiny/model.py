@@ -182,7 +182,7 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def train(model: nn.Module, data, steps: int, lr: float = 3e-3, seed: int = 0, optimizer="adam",
-          batch_size: int = 32, progress: bool = True, callback=None) -> list[float]:
+          batch_size: int = 32, progress: bool = True, callback=None, regularizer=None) -> list[float]:
     """Train the parameters that require grad for `steps` steps; return the loss of each step.
 
     data: a Task (fresh batches drawn with `seed`) or a tensor of batches [n, B, T + 1],
@@ -190,7 +190,10 @@ def train(model: nn.Module, data, steps: int, lr: float = 3e-3, seed: int = 0, o
     construct) or an already-built optimizer over the model's trainable parameters.
     Same model, data and seed on the same machine give bit-identical losses. Leaves the
     model in eval mode. callback(step, model), if given, runs after each optimizer step
-    (step counts from 1), under no_grad: to record weights along the way.
+    (step counts from 1), under no_grad: to record weights along the way; the gradients of
+    that step are still in p.grad (AdaLoRA's rank allocator reads them there).
+    regularizer(model), if given, is added to the loss that is differentiated (AdaLoRA's
+    orthogonality penalty); the losses returned are the task's alone.
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
@@ -209,7 +212,7 @@ def train(model: nn.Module, data, steps: int, lr: float = 3e-3, seed: int = 0, o
     for step in bar:
         loss = lm_loss(model, batches[step % len(batches)])
         optimizer.zero_grad()
-        loss.backward()
+        (loss if regularizer is None else loss + regularizer(model)).backward()
         optimizer.step()
         losses.append(loss.item())
         if callback is not None:

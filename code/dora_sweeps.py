@@ -20,7 +20,6 @@ alpha = 16 under alpha / r throughout, as in chapter 2's rank sweep.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 
 from lora_edu import FINETUNE, evaluate, pretrained_model
 from lora_edu.experiments.dora import Tracker
-from lora_edu.experiments.runner import cpu_name, rounded, run_all, to_json
+from lora_edu.experiments.runner import cpu_name, rounded, run_all, sweep_main
 from lora_edu.experiments.scaling import QV_TARGETS, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,19 +82,7 @@ def run(quick: bool = False, progress: bool = True, n_jobs: int = 1) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON file to write (default {DEFAULT_OUT})")
-    parser.add_argument("--quick", action="store_true", help=f"only the runs {', '.join(QUICK_KEYS)}")
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each (default 1)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be at least 1, got {args.jobs}")
-    data = run(quick=args.quick, progress=not args.no_progress, n_jobs=args.jobs)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(to_json(data))
-    print(f"wrote {len(data['runs'])} runs to {args.out}")
-    return 0
+    return sweep_main(argv, __doc__.split("\n\n")[0], DEFAULT_OUT, f"only the runs {', '.join(QUICK_KEYS)}", run)
 
 
 if __name__ == "__main__":

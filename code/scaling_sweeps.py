@@ -29,7 +29,6 @@ and, from those runs and the pretrained model:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch
 
 from lora_edu import FINETUNE, LLAMA_TARGETS, PRETRAIN, evaluate, pretrained_model
 from lora_edu.experiments.scaling import QV_TARGETS, finetune, step1_grad_norm, truncate_updates, weight_deltas
-from lora_edu.experiments.runner import cpu_name, rounded, run_all, to_json
+from lora_edu.experiments.runner import cpu_name, rounded, run_all, sweep_main
 from lora_edu.experiments.subspace import singular_values, subspace_similarity, top_directions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,20 +190,8 @@ def run(quick: bool = False, progress: bool = True, n_jobs: int = 1) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON file to write (default {DEFAULT_OUT})")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"only the step-1 gradient norms, the pretrained weights and the runs {', '.join(QUICK_KEYS)}")
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each (default 1)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be at least 1, got {args.jobs}")
-    data = run(quick=args.quick, progress=not args.no_progress, n_jobs=args.jobs)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(to_json(data))
-    print(f"wrote {len(data['runs'])} runs to {args.out}")
-    return 0
+    quick = f"only the step-1 gradient norms, the pretrained weights and the runs {', '.join(QUICK_KEYS)}"
+    return sweep_main(argv, __doc__.split("\n\n")[0], DEFAULT_OUT, quick, run)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,106 @@ def test_without_master_weights_a_bf16_step_stays_in_bf16():
     w.grad = torch.ones_like(w)
     opt.step()
     assert opt.master == {} and all(s.dtype == torch.bfloat16 for s in opt.state[id(w)])
+
+
+# --- parameter groups and decoupled weight decay (AdamW) ---
+
+def _train_groups(opt_cls, groups_of, steps=6, schedule=False, **kw):
+    """Three tensors in groups of their own lr and weight decay; returns them after `steps` steps."""
+    torch.manual_seed(0)
+    a, b, c = (nn.Parameter(torch.randn(*s)) for s in ((6, 5), (5,), (3, 6)))
+    opt = opt_cls(groups_of(a, b, c), **kw)
+    x = torch.randn(8, 5)
+    for step in range(steps):
+        opt.zero_grad()
+        ((x @ a.T + b[:1]) @ c.T).square().mean().backward()
+        opt.step()
+        if schedule and step == 2:
+            for group in opt.param_groups:
+                group["lr"] *= 0.5  # a schedule edits the groups between steps, in both optimizers
+    return [p.detach().clone() for p in (a, b, c)]
+
+
+def _three_groups(a, b, c):
+    return [{"params": [a], "lr": 0.02, "weight_decay": 0.1}, {"params": [b]},  # b: the defaults
+            {"params": c, "lr": 0.005, "weight_decay": 0.0}]  # a bare tensor as "params", as torch allows
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+@pytest.mark.parametrize("cls", [Adam, PagedAdam])
+def test_groups_bit_identical_to_torch_adamw(cls, schedule):
+    kw = {"lr": 0.01, "betas": (0.8, 0.99)}
+    ours = _train_groups(cls, _three_groups, schedule=schedule, **kw)
+    theirs = _train_groups(torch.optim.AdamW, _three_groups, schedule=schedule, weight_decay=0.0, foreach=False, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(ours, theirs))
+    plain = _train_groups(cls, lambda a, b, c: [a, b, c], **kw)
+    assert not torch.equal(ours[0], plain[0])  # the groups' lr and decay did change something
+
+
+def test_groups_without_decay_bit_identical_to_torch_adam():
+    groups = lambda a, b, c: [{"params": [a, c], "lr": 0.03}, {"params": [b], "lr": 0.001}]  # noqa: E731
+    assert all(torch.equal(x, y) for x, y in zip(_train_groups(Adam, groups), _train_groups(torch.optim.Adam, groups)))
+
+
+def test_default_weight_decay_is_adamw_and_zero_is_adam():
+    flat = lambda a, b, c: [a, b, c]  # noqa: E731
+    ours = _train_groups(Adam, flat, weight_decay=0.3)
+    assert all(torch.equal(x, y) for x, y in zip(ours, _train_groups(torch.optim.AdamW, flat, weight_decay=0.3)))
+    coupled = _train_groups(torch.optim.Adam, flat, weight_decay=0.3)  # L2 in the gradient: not AdamW
+    assert not torch.equal(ours[0], coupled[0])
+
+
+def test_decoupled_decay_alone_shrinks_by_one_minus_lr_wd():
+    """With a zero gradient Adam's update is 0, so only the decay acts: p * (1 - lr * wd) per step."""
+    w = nn.Parameter(torch.full((3,), 2.0))
+    opt = Adam([{"params": [w], "lr": 0.1, "weight_decay": 0.5}])
+    for _ in range(3):
+        w.grad = torch.zeros(3)
+        opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((3,), 2.0 * 0.95 ** 3), rtol=1e-6, atol=0)
+
+
+def test_master_weights_decay_the_float32_copy():
+    torch.manual_seed(0)
+    w16 = nn.Parameter(torch.randn(8, 6).bfloat16())
+    w32 = nn.Parameter(w16.detach().float())
+    ours = Adam([w16], lr=1e-2, weight_decay=0.2, master_weights=True)
+    reference = torch.optim.AdamW([w32], lr=1e-2, weight_decay=0.2, foreach=False)
+    for _ in range(5):
+        w16.grad = torch.randn(8, 6).bfloat16()
+        w32.grad = w16.grad.float()
+        ours.step()
+        reference.step()
+    assert torch.equal(ours.master[id(w16)], w32.detach()) and torch.equal(w16.detach(), w32.detach().bfloat16())
+
+
+def _p():
+    return nn.Parameter(torch.ones(2))
+
+
+_P, _Q = _p(), _p()
+
+
+@pytest.mark.parametrize("params, kw, error, match", [
+    ([{"params": [_P]}, {"params": [_Q, _P]}], {}, ValueError, "in group 0 as well"),
+    ([_P, _P], {}, ValueError, "twice in that group"),
+    ([{"params": [_P]}, {"params": []}], {}, ValueError, "group 1 is empty"),
+    ([{"params": [_P], "lr": 0}], {}, ValueError, "lr > 0; parameter group 0"),
+    ([{"params": [_P]}, {"params": [_Q], "lr": -1e-3}], {}, ValueError, "lr > 0; parameter group 1"),
+    ([{"params": [_P], "weight_decay": -0.1}], {}, ValueError, "weight_decay >= 0"),
+    ([_P], {"weight_decay": -0.1}, ValueError, "weight_decay >= 0"),
+    ([{"params": [_P], "momentum": 0.9}], {}, ValueError, "keys .*'momentum'"),
+    ([{"lr": 0.1}], {}, ValueError, "takes 'params'"),
+    ([{"params": [_P]}, _Q], {}, TypeError, "mixing tensors and parameter-group dicts"),
+    ([{"params": [_P, "w"]}], {}, TypeError, "holds a str"),
+    (_P, {}, TypeError, "wrap it in a list"),
+])
+def test_bad_groups(params, kw, error, match):
+    with pytest.raises(error, match=match):
+        Adam(params, **kw)
+
+
+def test_group_names_are_kept_and_missing_keys_take_the_defaults():
+    opt = Adam([{"params": [_P], "name": "B", "lr": 0.5}, {"params": [_Q]}], lr=0.1, weight_decay=0.01)
+    assert [(g.get("name"), g["lr"], g["weight_decay"]) for g in opt.param_groups] == [("B", 0.5, 0.01),
+                                                                                     (None, 0.1, 0.01)]

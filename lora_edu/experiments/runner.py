@@ -8,6 +8,7 @@ prints and what survives another CPU's kernels best.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import platform
@@ -66,3 +67,23 @@ def to_json(data: dict) -> str:
         items = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items()]
         lines.append(f"{json.dumps(section)}: {{\n" + ",\n".join(items) + "\n }")
     return "{\n " + ",\n ".join(lines) + "\n}\n"
+
+
+def sweep_main(argv, description: str, default_out: Path, quick_help: str, run) -> int:
+    """The command line every sweep script in code/ has: --out, --quick, --jobs, --no-progress.
+
+    run(quick=, progress=, n_jobs=) returns the data (with a "runs" section), written as to_json.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=default_out, help=f"JSON file to write (default {default_out})")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each (default 1)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    data = run(quick=args.quick, progress=not args.no_progress, n_jobs=args.jobs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(to_json(data))
+    print(f"wrote {len(data['runs'])} runs to {args.out}")
+    return 0

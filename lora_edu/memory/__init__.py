@@ -11,7 +11,7 @@ from .._lazy import attach
 #: public name -> the module (in this package) that defines it; lora_edu re-exports them
 NAMES = {
     "ModelSpec": "spec", "PRESETS": "spec", "get_preset": "spec", "spec_from_tiny_config": "spec",
-    "count_params": "spec", "linear_shapes": "spec", "lora_params_for": "spec",
+    "count_params": "spec", "linear_shapes": "spec", "lora_params_for": "spec", "peft_params_for": "spec",
     "Ledger": "ledger", "estimate_memory": "ledger", "activation_bytes": "ledger", "POLICIES": "ledger",
     "saved_activation_terms": "activations", "recompute_bytes": "activations",
     "Peak": "peak", "estimate_peak": "peak",

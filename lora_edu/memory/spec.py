@@ -117,3 +117,32 @@ def lora_params_for(spec: ModelSpec, targets=("q", "k", "v", "o"), r: int = 8, d
     """
     shapes = linear_shapes(spec, targets)
     return lora_param_count(shapes, r) + (sum(d for d, _ in shapes) if dora else 0)
+
+
+#: methods whose trainable tensors are LoRA's A [r, k] and B [d, r]; they differ in their
+#: scale (rsLoRA), initialisation (PiSSA, LoRA-GA) or learning rates (LoRA+), not in size
+LORA_SHAPED = ("lora", "rslora", "pissa", "loraga", "loraplus")
+#: the modules whose *input* (IA)^3 scales: the FFN's inner activation enters down_proj
+IA3_FEEDFORWARD = ("down",)
+PEFT_METHODS = (*LORA_SHAPED, "dora", "adalora", "ia3")
+
+
+def peft_params_for(spec: ModelSpec, method: str, targets, r: int = 8) -> int:
+    """Trainable parameters of one family member on the targeted linears [d, k] of `spec`:
+
+        LoRA-shaped   r (d + k)                  A and B
+        dora          r (d + k) + d              + the magnitude, one length per output row
+        adalora       r (d + k) + r              P, Q and the r singular values lam (at its
+                                                 initial rank: pruning zeroes lam, the tensors stay)
+        ia3           d, or k for down_proj      one scale per output (k, v) or per input (down)
+    """
+    if method not in PEFT_METHODS:
+        raise _unknown("method", method, PEFT_METHODS)
+    if method == "ia3":
+        names = [targets] if isinstance(targets, str) else list(targets)
+        shapes = [(out, inp, t.removesuffix("_proj") in IA3_FEEDFORWARD)
+                  for t in names for out, inp in linear_shapes(spec, t)]
+        return sum(inp if ff else out for out, inp, ff in shapes)
+    shapes = linear_shapes(spec, targets)
+    extra = {"dora": sum(d for d, _ in shapes), "adalora": r * len(shapes)}.get(method, 0)
+    return lora_param_count(shapes, r) + extra

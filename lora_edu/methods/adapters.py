@@ -126,7 +126,7 @@ def _layers_for_file(model: nn.Module, config: dict, path: str) -> dict:
     cls = adapter_class(config["method"])
     try:
         return {name: cls.for_loading(nn.Linear(linears[name].in_features, linears[name].out_features,
-                                                device="meta"), config)
+                                                device="meta"), config, name=name)
                 for name in config["targets"]}
     except (TypeError, ValueError, RuntimeError) as err:  # e.g. an r too large for any tensor
         shown = {k: v for k, v in config.items() if k != "targets"}
@@ -175,7 +175,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     _check_fits(config, tensors, _layers_for_file(model, config, path), path)
     if not adapter_modules(model):
         cls = adapter_class(config["method"])
-        wrap_modules(model, config["targets"], lambda name, base: cls.for_loading(base, config),
+        wrap_modules(model, config["targets"], lambda name, base: cls.for_loading(base, config, name=name),
                      check=lambda name, base: cls.check_module(name, base, config))
     per_layer = {}
     for key, value in tensors.items():

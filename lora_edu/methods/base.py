@@ -10,10 +10,10 @@ parameter names or on the class:
     adapter_buffer_names      tensors saved but not trained (PiSSA's initial factors, ...)
     config_keys               what adapter_config() returns; a file must match all but
     training_only_keys        those that only matter while training (dropout)
-    mergeable, merged, merge(), unmerge()
+    mergeable, merged, merge(), unmerge(), check_unmerge()
     check_config(config)      raise ValueError for a bad config (a file's, before anything changes)
     check_module(name, base, config)   raise if this base cannot be adapted (DoRA's zero row)
-    for_loading(base, config) a layer with that config whose tensors a file will overwrite
+    for_loading(base, config, name)  a layer with that config whose tensors a file will overwrite
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ class AdapterLayer(nn.Module):
     def unmerge(self) -> None:
         raise NotImplementedError
 
+    def check_unmerge(self) -> None:
+        """Raise if unmerge() would refuse; unmerge_lora asks every layer before it unmerges any."""
+
     @classmethod
     def check_config(cls, config: dict) -> None:
         """Raise ValueError/TypeError naming what is wrong with `config` (keys = config_keys)."""
@@ -56,9 +59,10 @@ class AdapterLayer(nn.Module):
         loading run it on every target before they wrap any, so a refusal changes nothing."""
 
     @classmethod
-    def for_loading(cls, base: nn.Module, config: dict) -> AdapterLayer:
-        """A layer over `base` with `config`'s hyper-parameters, its tensors about to be overwritten
-        by a file's (so a data-dependent initialisation, an SVD or a gradient, is skipped)."""
+    def for_loading(cls, base: nn.Module, config: dict, name: str | None = None) -> AdapterLayer:
+        """A layer over `base` (the module called `name`) with `config`'s hyper-parameters, its
+        tensors about to be overwritten by a file's (so a data-dependent initialisation, an SVD or
+        a gradient, is skipped). (IA)^3 needs the name: it scales the input of some layers."""
         return cls(base, **{k: v for k, v in config.items() if k in cls.config_keys and k != "method"})
 
     def adapter_tensor_names(self) -> tuple:

@@ -112,8 +112,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Undo merge_lora: take every adapter back out of its base weight."""
-    for layer in adapter_modules(model).values():
+    """Undo merge_lora: take every adapter back out of its base weight.
+
+    A layer that cannot unmerge ((IA)^3 with a zero scale) raises before anything is unmerged.
+    """
+    layers = adapter_modules(model).values()
+    for layer in layers:
+        layer.check_unmerge()
+    for layer in layers:
         layer.unmerge()
     return model
 
